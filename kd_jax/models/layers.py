@@ -17,6 +17,15 @@ he_fan_out_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 torch_default_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
 
+def conv(features: int, kernel: int, stride: int = 1, *, dtype: Dtype, groups: int = 1,
+         use_bias: bool = False, name: str | None = None) -> nn.Conv:
+  """PyTorch-style `Conv2d(kernel, stride, padding=kernel // 2, groups)` with He fan-out init."""
+  pad = kernel // 2
+  return nn.Conv(features, (kernel, kernel), (stride, stride), padding=((pad, pad), (pad, pad)),
+                 feature_group_count=groups, use_bias=use_bias, kernel_init=he_fan_out_init,
+                 dtype=dtype, name=name)
+
+
 def batch_norm(*, train: bool, dtype: Dtype, name: str | None = None) -> nn.BatchNorm:
   """PyTorch-equivalent BatchNorm (running stats in `batch_stats`, momentum 0.9, eps 1e-5)."""
   return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
