@@ -1,0 +1,160 @@
+"""The knowledge-distillation job: teacher → label-only baseline student → KD student.
+
+`run(config, workdir)` trains (or restores) each stage, evaluates all three on the eval
+split, writes `results.json` and returns the rows of the comparison table. Every stage
+resumes from its own checkpoints, so rerunning with the same workdir continues where a
+killed run stopped, and a finished teacher is restored, not retrained.
+"""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+
+from kd_jax import checkpoint, data, models, optim, trainer
+from kd_jax.train_step import make_kd_objective
+
+PRECISIONS = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def _compute_dtype(precision: str):
+  if precision not in PRECISIONS:
+    raise ValueError(f"precision={precision!r} is unknown; valid: {', '.join(PRECISIONS)}")
+  return PRECISIONS[precision]
+
+
+def _build(model_name: str, field: str, num_classes: int, dtype, image_shape, rng):
+  """Creates a model; returns (apply_fn, variables, metadata)."""
+  if not model_name:
+    raise ValueError(f"{field} is empty; choose one of: {', '.join(models.list_models())}")
+  try:
+    module = models.create_model(model_name, num_classes=num_classes, dtype=dtype)
+  except ValueError as e:
+    raise ValueError(f"{field}: {e}") from None
+  params, model_state = models.init_model(module, rng, (1, *image_shape))
+  metadata = {"model": model_name, "num_classes": num_classes, "image_shape": list(image_shape)}
+  return models.make_apply_fn(module), {"params": params, **model_state}, metadata
+
+
+def _check_objective(objective, student_apply, student_vars, teacher_apply, teacher_vars,
+                     image_shape, num_classes):
+  """Traces the objective once on abstract inputs so bad hyperparameters, feature names or
+  class-count mismatches fail at start-up, not after the teacher has trained."""
+  x = jax.ShapeDtypeStruct((2, *image_shape), jnp.float32)
+  s_out, _ = jax.eval_shape(lambda v, x: student_apply(v, x, train=False), student_vars, x)
+  t_out, _ = jax.eval_shape(lambda v, x: teacher_apply(v, x, train=False), teacher_vars, x)
+  if s_out.logits.shape[-1] != t_out.logits.shape[-1]:
+    raise ValueError(f"teacher has {t_out.logits.shape[-1]} classes but the student has "
+                     f"{s_out.logits.shape[-1]}; both must match the dataset ({num_classes})")
+  batch = {"image": x, "label": jax.ShapeDtypeStruct((2,), jnp.int32),
+           "mask": jax.ShapeDtypeStruct((2,), jnp.float32)}
+  try:
+    jax.eval_shape(lambda s, t, b: objective(s, t, b, {}), s_out, t_out, batch)
+  except (ValueError, KeyError, TypeError) as e:
+    raise ValueError(f"distill config is invalid ({type(e).__name__}: {e}); check distill.loss, "
+                     "distill.hparams and distill.*_feature") from None
+
+
+def run(config, workdir: str) -> list[dict]:
+  """Runs the job described by `config` (see configs/common.py:kd_config) in `workdir`."""
+  os.makedirs(workdir, exist_ok=True)
+  dtype = _compute_dtype(config.precision)
+  data_dir = config.data.data_dir or None
+  info = data.dataset_info(config.data.name, data_dir)
+  train_source = data.open_source(config.data.name, config.data.train_split, data_dir)
+  eval_source = data.open_source(config.data.name, config.data.eval_split, data_dir)
+  batch_size = config.data.batch_size
+  if batch_size > len(train_source):
+    raise ValueError(f"data.batch_size={batch_size} exceeds the {len(train_source)} examples of "
+                     f"{config.data.name}:{config.data.train_split}; lower it")
+  steps_per_epoch = len(train_source) // batch_size
+  image_shape = tuple(info.image_shape)
+  augment = data.AugmentConfig(crop_padding=config.data.crop_padding, flip=config.data.flip)
+
+  def train_batches(seed):
+    return lambda start: data.train_batches(
+        train_source, info, batch_size=batch_size, seed=seed, start_step=start, augment=augment,
+        process_index=jax.process_index(), process_count=jax.process_count())
+
+  def eval_batches():
+    return data.eval_batches(eval_source, info, batch_size=config.data.eval_batch_size,
+                             process_index=jax.process_index(), process_count=jax.process_count())
+
+  def make_tx(num_epochs):
+    total = num_epochs * steps_per_epoch
+    o = config.optim
+    schedule = optim.make_schedule(name=o.schedule, learning_rate=o.learning_rate,
+                                   total_steps=total, steps_per_epoch=steps_per_epoch,
+                                   decay_epochs=o.decay_epochs, decay_rate=o.decay_rate,
+                                   warmup_epochs=o.warmup_epochs)
+    return optim.make_optimizer(name=o.name, schedule=schedule, momentum=o.momentum,
+                                nesterov=o.nesterov, weight_decay=o.weight_decay), total
+
+  for field in ("teacher.num_epochs", "student.num_epochs"):
+    group, key = field.split(".")
+    if config[group][key] < 1:
+      raise ValueError(f"{field} must be >= 1, got {config[group][key]}")
+
+  rng_teacher, rng_student = jax.random.split(jax.random.PRNGKey(config.seed))
+  teacher_apply, teacher_vars, teacher_meta = _build(
+      config.teacher.model, "teacher.model", info.num_classes, dtype, image_shape, rng_teacher)
+  student_apply, student_vars, student_meta = _build(
+      config.student.model, "student.model", info.num_classes, dtype, image_shape, rng_student)
+  kd_objective = make_kd_objective(
+      config.distill.loss, alpha=config.distill.alpha, loss_hparams=config.distill.hparams.to_dict(),
+      student_feature=config.distill.student_feature or None,
+      teacher_feature=config.distill.teacher_feature or None)
+  _check_objective(kd_objective, student_apply, student_vars, teacher_apply, teacher_vars,
+                   image_shape, info.num_classes)
+
+  options = trainer.LoopOptions(seed=config.seed, log_every=config.log.every_steps,
+                                checkpoint_every=config.checkpoint.every_steps,
+                                keep_checkpoints=config.checkpoint.keep,
+                                tensorboard=config.log.tensorboard)
+  results = []
+
+  def finish(name, apply_fn, variables, meta):
+    metrics = trainer.evaluate(apply_fn, variables, eval_batches())
+    results.append({"stage": name, "model": meta["model"],
+                    "params": models.count_params(variables["params"]), **metrics})
+
+  if config.teacher.checkpoint:
+    teacher_vars = checkpoint.restore_variables(config.teacher.checkpoint, teacher_meta,
+                                                teacher_vars)
+  else:
+    tx, steps = make_tx(config.teacher.num_epochs)
+    teacher_vars = trainer.train(trainer.Stage(
+        "teacher", teacher_apply, teacher_vars, teacher_meta, make_kd_objective(None), tx, steps),
+        workdir, train_batches(config.seed), options)
+  finish("teacher", teacher_apply, teacher_vars, teacher_meta)
+
+  tx, steps = make_tx(config.student.num_epochs)
+  student_batches = train_batches(config.seed + 1)
+  if config.student.baseline:
+    baseline_vars = trainer.train(trainer.Stage(
+        "student_baseline", student_apply, student_vars, student_meta, make_kd_objective(None),
+        tx, steps), workdir, student_batches, options)
+    finish("student_baseline", student_apply, baseline_vars, student_meta)
+  kd_vars = trainer.train(trainer.Stage(
+      "student_kd", student_apply, student_vars, student_meta, kd_objective, tx, steps,
+      teacher_apply_fn=teacher_apply, teacher_variables=teacher_vars), workdir, student_batches,
+      options)
+  finish("student_kd", student_apply, kd_vars, student_meta)
+  _write_json_atomic(os.path.join(workdir, "results.json"), results)
+  return results
+
+
+def _write_json_atomic(path: str, obj) -> None:
+  tmp = f"{path}.tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2)
+  os.replace(tmp, path)
+
+
+def format_table(rows: list[dict]) -> str:
+  """The comparison table the job prints."""
+  lines = [f"{'stage':<18} {'model':<22} {'params':>10} {'test acc':>9}", "-" * 62]
+  lines += [f"{r['stage']:<18} {r['model']:<22} {r['params']:>10,} {100 * r['accuracy']:>8.2f}%"
+            for r in rows]
+  return "\n".join(lines)
+

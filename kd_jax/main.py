@@ -1,0 +1,37 @@
+"""Command-line entry point: `python -m kd_jax.main --config=configs/X.py --workdir=DIR`.
+
+Overrides: `--config.distill.hparams.temperature=2 --config.seed=1`. The job is chosen by
+`config.job`; all logic lives in the library.
+"""
+import json
+import os
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  config, workdir = _CONFIG.value, _WORKDIR.value
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(config.to_json_best_effort(indent=2))
+  logging.info("config:\n%s", config)
+  if config.job == "kd":
+    from kd_jax import kd_job  # pylint: disable=g-import-not-at-top
+    print(kd_job.format_table(kd_job.run(config, workdir)))
+  elif config.job == "distill_dataset":
+    from kd_jax.dataset_distill import run as distill_run  # pylint: disable=g-import-not-at-top
+    print(json.dumps(distill_run.run(config, workdir), indent=2))
+  else:
+    raise ValueError(f"config.job={config.job!r} is unknown; valid: kd, distill_dataset")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,129 @@
+"""Runs one training stage: resumable loop, checkpoints, metrics, NaN stop, evaluation.
+
+Used by the knowledge-distillation job for the teacher, the label-only baseline and the
+distilled student; regimes reuse it with their own step functions.
+"""
+import dataclasses
+import os
+from typing import Any, Callable, Iterable, Iterator
+
+import jax
+import optax
+
+from kd_jax import checkpoint, metrics
+from kd_jax.train_step import ApplyFn, Objective, TrainState, make_eval_step, make_train_step
+
+
+@dataclasses.dataclass
+class Stage:
+  """One model trained to completion.
+
+  Attributes:
+    name: also the stage's sub-directory of the workdir (`teacher`, `student_kd`, ...).
+    apply_fn: the trained model's apply function.
+    init_variables: `{"params", **model_state}` to start from.
+    metadata: checkpoint metadata (`model`, `num_classes`, `image_shape`, ...).
+    objective: the loss (see `train_step.make_kd_objective`).
+    tx: the optimizer.
+    num_steps: total optimisation steps.
+    teacher_apply_fn, teacher_variables: the frozen teacher, or None.
+    distill_params: params of learnable loss parts, or None.
+  """
+  name: str
+  apply_fn: ApplyFn
+  init_variables: dict
+  metadata: dict
+  objective: Objective
+  tx: optax.GradientTransformation
+  num_steps: int
+  teacher_apply_fn: ApplyFn | None = None
+  teacher_variables: Any = None
+  distill_params: Any = None
+
+
+@dataclasses.dataclass
+class LoopOptions:
+  seed: int = 0
+  log_every: int = 50
+  checkpoint_every: int = 200
+  keep_checkpoints: int = 3
+  tensorboard: bool = True
+  # jit(step) or a sharded jit from kd_jax.sharding; None means jax.jit with donation.
+  jit_step: Callable | None = None
+
+
+def evaluate(apply_fn: ApplyFn, variables, batches: Iterable[dict], eval_step=None) -> dict:
+  """Exact accuracy and mean loss over `batches` (padding masked out)."""
+  eval_step = eval_step or jax.jit(make_eval_step(apply_fn))
+  totals = None
+  for batch in batches:
+    sums = eval_step(variables, batch)
+    totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
+  totals = jax.device_get(totals)
+  count = max(float(totals["eval/count"]), 1.0)
+  return {"accuracy": float(totals["eval/correct"]) / count,
+          "loss": float(totals["eval/loss_sum"]) / count, "count": int(totals["eval/count"])}
+
+
+def train(stage: Stage, workdir: str, train_batches: Callable[[int], Iterator[dict]],
+          options: LoopOptions) -> dict:
+  """Trains `stage` to `num_steps`, resuming from its latest checkpoint.
+
+  Args:
+    stage: what to train.
+    workdir: the job's workdir; the stage writes `workdir/<name>/{checkpoints,metrics.jsonl,
+      tensorboard}`.
+    train_batches: `start_step -> iterator` of batches for steps start_step, start_step+1, …
+      (deterministic, so a resumed run sees the batches an uninterrupted run sees).
+    options: logging and checkpoint cadence.
+  Returns:
+    The final variables `{"params", **model_state}`.
+  Raises:
+    metrics.NonFiniteLossError: the loss became NaN/Inf; the message names the step, and
+      the last checkpoint written is from before it.
+  """
+  stage_dir = os.path.join(workdir, stage.name)
+  ckpt = checkpoint.Checkpointer(os.path.join(stage_dir, "checkpoints"), stage.metadata,
+                                 keep=options.keep_checkpoints)
+  params = stage.init_variables["params"]
+  model_state = {k: v for k, v in stage.init_variables.items() if k != "params"}
+  state = TrainState.create(params, model_state, stage.tx, stage.distill_params)
+  if ckpt.latest_step() is not None:
+    state = ckpt.restore(state)
+  start = int(state.step)
+  step_fn = make_train_step(stage.apply_fn, stage.teacher_apply_fn, stage.objective, stage.tx)
+  step_fn = (options.jit_step or (lambda f: jax.jit(f, donate_argnums=0)))(step_fn)
+  rng = jax.random.PRNGKey(options.seed)
+  writer = metrics.MetricWriter(stage_dir, tensorboard=options.tensorboard)
+  pending = metrics.PendingMetrics()
+  bar = metrics.progress_bar(stage.num_steps, start, stage.name)
+  last_saved = start if start else None
+  try:
+    batches = train_batches(start)
+    for step in range(start, stage.num_steps):
+      state, step_metrics = step_fn(state, stage.teacher_variables, next(batches), rng)
+      pending.add(step + 1, step_metrics)
+      done = step + 1
+      at_log = done % options.log_every == 0 or done == stage.num_steps
+      at_ckpt = done % options.checkpoint_every == 0 or done == stage.num_steps
+      if at_log or at_ckpt:
+        try:
+          means = pending.check_and_mean()
+        except metrics.NonFiniteLossError as e:
+          ckpt.wait()
+          kept = (f"the last good checkpoint (step {last_saved}) is kept in {ckpt.directory}"
+                  if last_saved is not None else "no checkpoint had been written yet")
+          raise metrics.NonFiniteLossError(f"stage {stage.name!r}: {e}; stopping. {kept}. "
+                                           "Lower optim.learning_rate or check the data.") from None
+        writer.write(done, means)
+        bar.set_postfix(loss=f"{means['train/loss']:.4f}", refresh=False)
+      if at_ckpt:
+        ckpt.save(done, state)
+        last_saved = done
+      bar.update(1)
+  finally:
+    bar.close()
+    writer.close()
+    ckpt.close()
+  return {"params": state.params, **state.model_state}
+
