@@ -37,10 +37,13 @@ def _base_name(name: str) -> str:
 
 
 def _prepare_hint(name: str, data_dir) -> str:
-  if name in EMBEDDED:
-    return f"'{name}' is embedded and prepared automatically; check that data_dir={data_dir!r} is writable."
-  return (f"Prepare it once with `tfds build {name} --data_dir={data_dir or '~/tensorflow_datasets'} "
-          f"--file_format=array_record` (TensorFlow is needed only for that build step, never by kd_jax).")
+  """How to (re-)prepare `name` as array_record in `data_dir`."""
+  if _base_name(name) in EMBEDDED:
+    return (f"{name!r} is embedded: kd_jax prepares it as array_record on first use, so delete its folder in "
+            f"data_dir={data_dir!r} (or choose another, writable data_dir) and open it again.")
+  return (f"Prepare it with `tfds build {name} --data_dir={data_dir or '~/tensorflow_datasets'} "
+          f"--file_format=array_record` (or `tfds.builder({name!r}, data_dir=...).download_and_prepare("
+          f"file_format='array_record')`); that build step may need TensorFlow, kd_jax never does.")
 
 
 def _builder(name: str, data_dir):
@@ -66,19 +69,18 @@ def _open(name: str, split: str, data_dir):
                   f"{_prepare_hint(name, data_dir)}")
   try:
     source = builder.as_data_source(split=split)
+    num_examples = len(source)
   except NotImplementedError as e:  # TFDS's answer for formats without random access.
     if not builder.is_prepared():
       raise ValueError(not_prepared) from e
-    raise ValueError(
-        f"Dataset {name!r} in {builder.data_dir} is stored as {builder.info.file_format.value}, which needs "
-        f"TensorFlow to read; kd_jax reads array_record only. Re-prepare it with `tfds build {name} "
-        f"--data_dir={data_dir or '~/tensorflow_datasets'} --file_format=array_record` (or "
-        f"`builder.download_and_prepare(file_format='array_record')`).") from e
+    raise ValueError(f"Dataset {name!r} in {builder.data_dir} is stored as {builder.info.file_format.value}, "
+                     f"which needs TensorFlow to read; kd_jax reads array_record only. "
+                     f"{_prepare_hint(name, data_dir)}") from e
   except (KeyError, ValueError) as e:
     if not builder.is_prepared():
       raise ValueError(not_prepared) from e
     raise ValueError(f"Bad split {split!r} for dataset {name!r}: {e}") from e
-  if len(source) == 0:
+  if num_examples == 0:
     raise ValueError(f"Split {split!r} of dataset {name!r} in {builder.data_dir} is empty. "
                      f"{_prepare_hint(name, data_dir)}")
   return builder, source
