@@ -13,6 +13,7 @@ from kd_jax.data.pipeline import train_batches
 from kd_jax.data.sources import EMBEDDED
 from kd_jax.data.sources import ArrayDataSource
 from kd_jax.data.sources import DatasetInfo
+from kd_jax.data.sources import ResizedSource
 from kd_jax.data.sources import dataset_info
 from kd_jax.data.sources import gather
 from kd_jax.data.sources import load_arrays

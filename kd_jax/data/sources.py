@@ -86,20 +86,23 @@ def _open(name: str, split: str, data_dir):
   return builder, source
 
 
-def open_source(name: str, split: str, data_dir: str | os.PathLike | None = None):
+def open_source(name: str, split: str, data_dir: str | os.PathLike | None = None, *, image_size: int | None = None):
   """Random-access source of split `split` (TFDS slicing allowed: `"train[:1100]"`, `"train[90%:]"`).
 
   Args:
     name: embedded name (`"digits"`) or TFDS name, optionally with config/version (`"imagenette/160px-v2"`).
     split: TFDS split expression.
     data_dir: TFDS data directory; `None` means TFDS's default (`~/tensorflow_datasets`).
+    image_size: if set, every image is resized and center-cropped to `image_size` x `image_size`
+      (`ResizedSource`); needed for datasets of varying image sizes such as imagenet2012 or imagenette.
   Returns:
     A sequence of example dicts with at least `"image"` and `"label"`.
   Raises:
     ValueError: unknown name, dataset not prepared in `data_dir`, unknown or empty split, or a dataset stored only
       as tfrecord (which would need TensorFlow to read).
   """
-  return _open(name, split, data_dir)[1]
+  source = _open(name, split, data_dir)[1]
+  return source if image_size is None else ResizedSource(source, image_size)
 
 
 class ArrayDataSource:
@@ -137,6 +140,34 @@ class ArrayDataSource:
     return {"image": self.images[index], "label": self.labels[index]}
 
 
+class ResizedSource:
+  """Wraps a source so that its images come out `size x size`: the shorter side is resized to `size` (bilinear,
+  antialiased, through PIL), then the center is cropped. Labels and other features pass through."""
+
+  def __init__(self, source, size: int):
+    if not isinstance(size, (int, np.integer)) or size <= 0:
+      raise ValueError(f"image_size must be a positive integer, got {size!r}.")
+    self.source, self.size = source, int(size)
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def __getitem__(self, index: int) -> dict:
+    from PIL import Image  # pylint: disable=g-import-not-at-top
+    example = dict(self.source[index])
+    image = np.asarray(example["image"])
+    h, w = image.shape[:2]
+    scale = self.size / min(h, w)
+    new_h, new_w = max(self.size, round(h * scale)), max(self.size, round(w * scale))
+    if (new_h, new_w) != (h, w):
+      resized = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).resize(
+          (new_w, new_h), Image.Resampling.BILINEAR)
+      image = np.asarray(resized).reshape(new_h, new_w, image.shape[-1])
+    top, left = (new_h - self.size) // 2, (new_w - self.size) // 2
+    example["image"] = image[top:top + self.size, left:left + self.size]
+    return example
+
+
 def gather(source, indices) -> tuple[np.ndarray, np.ndarray]:
   """Stacked `(images [n, H, W, C], labels [n] or [n, K])` of `source` at `indices`."""
   indices = np.asarray(indices, np.int64)
@@ -151,15 +182,15 @@ def gather(source, indices) -> tuple[np.ndarray, np.ndarray]:
     images = np.stack([e["image"] for e in examples])
   except ValueError as e:
     raise ValueError("Images in one batch have different shapes "
-                     f"({sorted({ex['image'].shape for ex in examples})}); kd_jax's pipeline needs fixed-size "
-                     "images, so use a fixed-size variant of the dataset (e.g. imagenette/160px, "
-                     "imagenet_resized/64x64).") from e
+                     f"({sorted({ex['image'].shape for ex in examples})}); open the source with "
+                     "`open_source(..., image_size=S)` to resize them to S x S.") from e
   return images, np.stack([np.asarray(e["label"]) for e in examples])
 
 
-def load_arrays(name: str, split: str, data_dir: str | os.PathLike | None = None) -> tuple[np.ndarray, np.ndarray]:
+def load_arrays(name: str, split: str, data_dir: str | os.PathLike | None = None, *,
+                image_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
   """Whole split in memory: `(images uint8 [N, H, W, C], labels int32 [N])`. Meant for small datasets."""
-  source = open_source(name, split, data_dir)
+  source = open_source(name, split, data_dir, image_size=image_size)
   images, labels = gather(source, np.arange(len(source)))
   return images, labels.astype(np.int32)
 
@@ -193,13 +224,20 @@ def _channel_stats(source, max_examples: int) -> tuple[tuple[float, ...], tuple[
   return tuple(pixels.mean(0).tolist()), tuple(pixels.std(0).tolist())
 
 
-def dataset_info(name: str, data_dir: str | os.PathLike | None = None, *, stats_split: str = "train") -> DatasetInfo:
-  """`DatasetInfo` of a prepared dataset; mean/std are standard constants or computed from `stats_split`."""
+def dataset_info(name: str, data_dir: str | os.PathLike | None = None, *, image_size: int | None = None,
+                 stats_split: str = "train") -> DatasetInfo:
+  """`DatasetInfo` of a prepared dataset, as `open_source(name, ..., image_size=image_size)` yields it.
+
+  mean/std are the dataset's standard constants (`STANDARD_STATS`), else computed from the first
+  `STATS_MAX_EXAMPLES` examples of `stats_split`.
+  """
   builder, source = _open(name, stats_split, data_dir)
   features = builder.info.features
-  image_shape = tuple(features["image"].shape)
-  if None in image_shape:
-    image_shape = tuple(np.asarray(source[0]["image"]).shape)
+  height, width, channels = features["image"].shape
+  if image_size is not None:
+    source, height, width = ResizedSource(source, image_size), image_size, image_size
+  if height is None or width is None:
+    raise ValueError(f"Images of {name!r} vary in size; pass image_size=S to resize them to S x S.")
   mean, std = STANDARD_STATS.get(_base_name(name)) or _channel_stats(source, STATS_MAX_EXAMPLES)
-  return DatasetInfo(name=name, num_classes=features["label"].num_classes, image_shape=image_shape, mean=mean,
-                     std=std, splits=builder.info.splits)
+  return DatasetInfo(name=name, num_classes=features["label"].num_classes, image_shape=(height, width, channels),
+                     mean=mean, std=std, splits=builder.info.splits)
