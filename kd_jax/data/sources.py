@@ -6,6 +6,8 @@ A source is any sequence of examples `{"image": uint8 or float [H, W, C], "label
 - `open_source("digits", "train", data_dir)` prepares the embedded digits set on first use (no network).
 - `open_source("cifar10", "train[:45000]", data_dir)` reads any dataset the user prepared with
   `tfds build cifar10 --data_dir=DIR --file_format=array_record`.
+- `ArrayDataSource(*load_arrays("digits", "train", data_dir))` holds a small split in memory: TFDS decodes each
+  example in Python (about 130 us each here), so this is 70x faster per batch for digits.
 """
 import dataclasses
 import os
