@@ -1,0 +1,242 @@
+"""Device mesh, parameter/batch shardings and multi-host start-up (DESIGN.md §5).
+
+Everything runs under plain `jax.jit` with `NamedSharding`s; there is no pmap.
+
+* The mesh comes from a config list such as `[("data", -1)]` (pure data parallel) or
+  `[("data", -1), ("fsdp", 2)]` (FSDP: params sharded over `fsdp`, batch over both).
+* Parameters are placed by a regex table `[(regex, spec), ...]`, matched with `re.search`
+  against the "/"-joined path of each leaf (`"stage1/block0/conv1/kernel"`); the first
+  match wins and `spec` is a `PartitionSpec` tuple (`()` = replicated). Leaves no rule
+  matches are FSDP-sharded automatically when the mesh has an `fsdp` axis (largest
+  dimension divisible by its size, for leaves of at least `fsdp_min_size` elements) and
+  replicated otherwise. Teacher variables use the same table.
+* Optimizer state follows its parameter: a leaf of `opt_state` whose path ends with a
+  parameter's path (and has its shape) gets that parameter's sharding.
+* Batches are sharded on their leading dimension over `data` and `fsdp` together.
+"""
+import os
+import re
+from typing import Any, Callable, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+PyTree = Any
+Rules = Sequence[tuple[str, tuple]]
+
+DATA_AXIS = "data"
+FSDP_AXIS = "fsdp"
+BATCH_AXES = (DATA_AXIS, FSDP_AXIS)
+DEFAULT_FSDP_MIN_SIZE = 2**14  # elements; smaller leaves stay replicated
+
+
+def make_mesh(axes: Sequence[tuple[str, int]], devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """Builds a `Mesh` from `[(name, size), ...]`; one size may be -1 (= the remaining devices).
+
+  Args:
+    axes: config `mesh.axes`, e.g. `[("data", -1)]` or `[("data", -1), ("fsdp", 2)]`.
+    devices: defaults to `jax.devices()` (all processes' devices).
+  Returns:
+    A mesh whose axis sizes multiply to the device count.
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  axes = [tuple(a) for a in axes]
+  if not axes or any(len(a) != 2 or not isinstance(a[0], str) or not isinstance(a[1], int)
+                     for a in axes):
+    raise ValueError(f"mesh.axes must be a non-empty list of (name, size) pairs, got {axes}")
+  names = [name for name, _ in axes]
+  if len(set(names)) != len(names):
+    raise ValueError(f"mesh.axes has repeated axis names: {names}")
+  sizes = [size for _, size in axes]
+  if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
+    raise ValueError(f"mesh.axes sizes must be positive, with at most one -1, got {axes}")
+  fixed = int(np.prod([s for s in sizes if s != -1]))
+  if len(devices) % fixed:
+    raise ValueError(f"mesh.axes {axes}: the fixed sizes multiply to {fixed}, which does not "
+                     f"divide the {len(devices)} devices; choose sizes that divide {len(devices)}")
+  sizes = [len(devices) // fixed if s == -1 else s for s in sizes]
+  if int(np.prod(sizes)) != len(devices):
+    raise ValueError(f"mesh.axes {axes} covers {int(np.prod(sizes))} devices but there are "
+                     f"{len(devices)}; use -1 for one axis to take the rest")
+  return Mesh(np.asarray(devices).reshape(sizes), tuple(names))
+
+
+def _key_str(key) -> str:
+  for attr in ("key", "name", "idx"):
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
+
+def _path_str(path) -> str:
+  return "/".join(_key_str(k) for k in path)
+
+
+def _shape(leaf) -> tuple:
+  return tuple(getattr(leaf, "shape", ()))
+
+
+def _axis_size(mesh: Mesh, entry) -> int:
+  names = entry if isinstance(entry, tuple) else (entry,)
+  return int(np.prod([mesh.shape[n] for n in names if n is not None]))
+
+
+def _check_rule(mesh: Mesh, regex: str, spec: tuple, path: str, shape: tuple) -> None:
+  if len(spec) > len(shape):
+    raise ValueError(f"mesh.rules entry ({regex!r}, {spec}) has {len(spec)} dimensions but "
+                     f"parameter {path!r} has shape {shape}")
+  for dim, entry in zip(shape, spec):
+    names = entry if isinstance(entry, tuple) else (entry,)
+    unknown = [n for n in names if n is not None and n not in mesh.shape]
+    if unknown:
+      raise ValueError(f"mesh.rules entry ({regex!r}, {spec}) names axes {unknown} that are not "
+                       f"in the mesh {dict(mesh.shape)}")
+    if dim % _axis_size(mesh, entry):
+      raise ValueError(f"mesh.rules entry ({regex!r}, {spec}) splits a dimension of {dim} of "
+                       f"parameter {path!r} (shape {shape}) into {_axis_size(mesh, entry)} "
+                       "parts, which does not divide it; change the rule or the mesh")
+
+
+def _fsdp_spec(mesh: Mesh, shape: tuple, min_size: int) -> PartitionSpec:
+  """Shards the largest dimension divisible by the fsdp axis size; else replicated."""
+  size = mesh.shape.get(FSDP_AXIS, 1)
+  if size == 1 or int(np.prod(shape, dtype=np.int64)) < min_size:
+    return PartitionSpec()
+  for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
+    if shape[dim] % size == 0:
+      return PartitionSpec(*([None] * dim + [FSDP_AXIS]))
+  return PartitionSpec()
+
+
+def param_shardings(params: PyTree, mesh: Mesh, rules: Rules = (), *,
+                    fsdp_min_size: int = DEFAULT_FSDP_MIN_SIZE) -> PyTree:
+  """A tree of `NamedSharding`s for `params` (arrays or `jax.ShapeDtypeStruct`s).
+
+  Args:
+    params: any tree of arrays: student params, teacher variables, model state.
+    mesh: from `make_mesh`.
+    rules: config `mesh.rules`, `[(regex, spec_tuple), ...]`; first `re.search` match on
+      the "/"-joined leaf path wins.
+    fsdp_min_size: leaves with fewer elements are never auto-sharded.
+  """
+  compiled = [(re.compile(regex), regex, tuple(spec)) for regex, spec in rules]
+
+  def one(path, leaf):
+    name, shape = _path_str(path), _shape(leaf)
+    for pattern, regex, spec in compiled:
+      if pattern.search(name):
+        _check_rule(mesh, regex, spec, name, shape)
+        return NamedSharding(mesh, PartitionSpec(*spec))
+    return NamedSharding(mesh, _fsdp_spec(mesh, shape, fsdp_min_size))
+
+  return jax.tree_util.tree_map_with_path(one, params)
+
+
+def _follow_params(tree: PyTree, by_path: dict[tuple, NamedSharding], mesh: Mesh) -> PyTree:
+  """Gives each leaf the sharding of the parameter whose path its own path ends with."""
+  replicated = NamedSharding(mesh, PartitionSpec())
+
+  def one(path, leaf):
+    keys = tuple(_key_str(k) for k in path)
+    for start in range(len(keys)):
+      match = by_path.get(keys[start:])
+      if match is not None and match[0] == _shape(leaf):
+        return match[1]
+    return replicated
+
+  return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def state_shardings(state, mesh: Mesh, rules: Rules = (), *,
+                    fsdp_min_size: int = DEFAULT_FSDP_MIN_SIZE):
+  """Shardings for a `kd_jax.train_step.TrainState` (arrays or `jax.eval_shape` output).
+
+  Params, model state and distill params follow `rules` (then auto-FSDP); every optimizer
+  state leaf follows the parameter it belongs to; the step counter is replicated.
+  """
+  trainable = {"student": state.params, "distill": state.distill_params}
+  trainable_sh = {k: param_shardings(v, mesh, rules, fsdp_min_size=fsdp_min_size)
+                  for k, v in trainable.items()}
+  by_path = {tuple(_key_str(k) for k in path): (_shape(leaf), sharding)
+             for (path, leaf), sharding in zip(jax.tree_util.tree_flatten_with_path(trainable)[0],
+                                               jax.tree.leaves(trainable_sh))}
+  return state.replace(
+      step=NamedSharding(mesh, PartitionSpec()),
+      params=trainable_sh["student"],
+      distill_params=trainable_sh["distill"],
+      model_state=param_shardings(state.model_state, mesh, rules, fsdp_min_size=fsdp_min_size),
+      opt_state=_follow_params(state.opt_state, by_path, mesh))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) dimension split over the mesh's `data` and `fsdp` axes."""
+  axes = tuple(a for a in BATCH_AXES if a in mesh.shape)
+  if not axes:
+    raise ValueError(f"mesh.axes must include {DATA_AXIS!r} (and optionally {FSDP_AXIS!r}) to "
+                     f"shard batches, got axes {mesh.axis_names}")
+  return NamedSharding(mesh, PartitionSpec(axes))
+
+
+def shard_batch(host_batch: PyTree, mesh: Mesh) -> PyTree:
+  """Makes global arrays from this process's numpy batch (`[B_host, ...]` leaves).
+
+  The global batch is the concatenation of every process's batch, in process order.
+  """
+  sharding = batch_sharding(mesh)
+  shards = _axis_size(mesh, sharding.spec[0])
+  per_process = shards // jax.process_count()
+
+  def one(x):
+    x = np.asarray(x)
+    if x.ndim == 0 or x.shape[0] % max(per_process, 1):
+      raise ValueError(f"the per-host batch size ({x.shape[:1]}) must be a multiple of the "
+                       f"{max(per_process, 1)} batch shards on this host (mesh {dict(mesh.shape)}); "
+                       "change data.batch_size")
+    return jax.make_array_from_process_local_data(sharding, x)
+
+  return jax.tree.map(one, host_batch)
+
+
+def jit_train_step(step: Callable, mesh: Mesh, state_shardings_: PyTree,
+                   teacher_shardings: PyTree | None = None) -> Callable:
+  """`jax.jit` of `step(state, teacher_vars, batch, rng) -> (state, metrics)` on `mesh`.
+
+  The state is donated and keeps its shardings; the batch is sharded by `batch_sharding`;
+  the rng and the metrics are replicated. Pass `teacher_shardings=None` when the step has
+  no teacher (`teacher_vars` is then replicated, e.g. `None` or `{}`).
+  """
+  replicated = NamedSharding(mesh, PartitionSpec())
+  teacher = replicated if teacher_shardings is None else teacher_shardings
+  return jax.jit(step, in_shardings=(state_shardings_, teacher, batch_sharding(mesh), replicated),
+                 out_shardings=(state_shardings_, replicated), donate_argnums=0)
+
+
+def initialize_distributed(coordinator_address: str | None = None,
+                           num_processes: int | None = None,
+                           process_id: int | None = None) -> bool:
+  """Joins a multi-process run with `jax.distributed.initialize`; no-op for one process.
+
+  Unset arguments come from `JAX_COORDINATOR_ADDRESS`, `JAX_NUM_PROCESSES` and
+  `JAX_PROCESS_ID`. Call it before any other JAX call. On CPU, cross-process collectives
+  use gloo (jax's default `jax_cpu_collectives_implementation`).
+
+  Returns:
+    True if this process joined a multi-process run.
+  """
+  coordinator_address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
+  if num_processes is None and "JAX_NUM_PROCESSES" in os.environ:
+    num_processes = int(os.environ["JAX_NUM_PROCESSES"])
+  if process_id is None and "JAX_PROCESS_ID" in os.environ:
+    process_id = int(os.environ["JAX_PROCESS_ID"])
+  given = {"coordinator_address": coordinator_address, "num_processes": num_processes,
+           "process_id": process_id}
+  if all(v is None for v in given.values()) or num_processes == 1:
+    return False
+  missing = [k for k, v in given.items() if v is None]
+  if missing:
+    raise ValueError(f"multi-host start-up needs {missing} as well (config mesh.{missing[0]} or "
+                     f"environment JAX_{missing[0].upper()}); got {given}")
+  jax.distributed.initialize(coordinator_address=coordinator_address,
+                             num_processes=num_processes, process_id=process_id)
+  return True

@@ -1,0 +1,158 @@
+"""Sharded KD steps equal the 1-device step; FSDP divides per-device parameter memory."""
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from kd_jax import sharding
+from multihost_worker import build_problem, make_batch
+
+
+def _as_numpy(tree):
+  return jax.tree.map(np.asarray, tree)
+
+
+def _run_single_device(step, state, teacher_vars, num_steps):
+  step = jax.jit(step)
+  losses = []
+  for i in range(num_steps):
+    state, metrics = step(state, teacher_vars, make_batch(seed=i), jax.random.PRNGKey(0))
+    losses.append(metrics)
+  return _as_numpy(state), _as_numpy(losses)
+
+
+def _run_sharded(step, state, teacher_vars, num_steps, axes, rules=(), fsdp_min_size=64):
+  mesh = sharding.make_mesh(axes)
+  state_sh = sharding.state_shardings(state, mesh, rules, fsdp_min_size=fsdp_min_size)
+  teacher_sh = sharding.param_shardings(teacher_vars, mesh, rules, fsdp_min_size=fsdp_min_size)
+  state = jax.device_put(state, state_sh)
+  teacher_vars = jax.device_put(teacher_vars, teacher_sh)
+  train_step = sharding.jit_train_step(step, mesh, state_sh, teacher_sh)
+  losses = []
+  for i in range(num_steps):
+    state, metrics = train_step(state, teacher_vars, sharding.shard_batch(make_batch(seed=i), mesh),
+                                jax.random.PRNGKey(0))
+    losses.append(metrics)
+  assert jax.tree.all(jax.tree.map(lambda x, s: x.sharding.is_equivalent_to(s, x.ndim),
+                                   state, state_sh))
+  return _as_numpy(state), _as_numpy(losses), state_sh
+
+
+def _abstract_problem(**widths):
+  """(state, teacher_vars) as `jax.ShapeDtypeStruct`s: traced, never compiled."""
+  return jax.eval_shape(lambda: build_problem(**widths)[1:])
+
+
+def _zeros(tree):
+  return jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), tree)
+
+
+@pytest.fixture(scope="module")
+def problem():
+  step, state, teacher_vars = build_problem()
+  state, teacher_vars = _as_numpy(state), _as_numpy(teacher_vars)
+  return step, state, teacher_vars, _run_single_device(step, state, teacher_vars, num_steps=2)
+
+
+@pytest.mark.parametrize("axes", [[("data", -1)], [("data", -1), ("fsdp", 2)], [("fsdp", 8)]])
+def test_sharded_kd_step_equals_single_device(problem, axes):
+  step, state, teacher_vars, (want_state, want_metrics) = problem
+  got_state, got_metrics, state_sh = _run_sharded(step, state, teacher_vars, 2, axes)
+  # Metrics (loss, CE, KD, grad norm), params, BatchNorm statistics and the momentum buffer
+  # (= the first step's gradient, accumulated) all match.
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               got_metrics, want_metrics)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               got_state, want_state)
+  if ("fsdp", 2) in axes or ("fsdp", 8) in axes:
+    assert state_sh.params["Conv_1"]["kernel"].spec != P()
+
+
+def _per_device_bytes(tree, device):
+  return sum(s.data.nbytes for x in jax.tree.leaves(tree) for s in x.addressable_shards
+             if s.device == device)
+
+
+def test_fsdp_divides_per_device_parameter_bytes():
+  state, teacher_vars = _zeros(_abstract_problem(student_width=(32, 64), teacher_width=(64, 128)))
+  big = 1000  # leaves below this many elements stay replicated
+  for fsdp in (2, 4, 8):
+    mesh = sharding.make_mesh([("data", -1), ("fsdp", fsdp)])
+    for tree in (state.params, teacher_vars):
+      placed = jax.device_put(tree, sharding.param_shardings(tree, mesh, fsdp_min_size=big))
+      leaves = jax.tree.leaves(tree)
+      want = sum(x.nbytes // fsdp if x.size >= big else x.nbytes for x in leaves)
+      assert want < sum(x.nbytes for x in leaves)
+      for device in mesh.devices.flat:
+        assert _per_device_bytes(placed, device) == want
+
+
+def test_optimizer_state_follows_its_param():
+  state, _ = _abstract_problem()
+  mesh = sharding.make_mesh([("data", 2), ("fsdp", 4)])
+  state_sh = sharding.state_shardings(state, mesh, fsdp_min_size=64)
+  trace = state_sh.opt_state[0].trace
+  assert trace["student"] == state_sh.params
+  assert state_sh.params["Conv_1"]["kernel"].spec == P(None, None, None, "fsdp")
+  assert state_sh.step.spec == P()
+
+
+def test_rules_override_auto_fsdp_and_match_regex():
+  state, teacher_vars = _abstract_problem()
+  mesh = sharding.make_mesh([("data", -1), ("fsdp", 2)])
+  rules = [(r"Dense_0/kernel$", (None, "fsdp")), (r"Conv_\d/kernel$", ())]
+  params_sh = sharding.param_shardings(state.params, mesh, rules, fsdp_min_size=1)
+  teacher_sh = sharding.param_shardings(teacher_vars, mesh, rules, fsdp_min_size=1)
+  for tree in (params_sh, teacher_sh["params"]):
+    assert tree["Dense_0"]["kernel"].spec == P(None, "fsdp")
+    assert tree["Conv_0"]["kernel"].spec == P()
+    assert tree["Conv_1"]["bias"].spec == P("fsdp")  # no rule: auto FSDP
+
+
+def test_shard_batch_builds_the_global_batch():
+  mesh = sharding.make_mesh([("data", 4), ("fsdp", 2)])
+  host = make_batch()
+  batch = sharding.shard_batch(host, mesh)
+  assert batch["image"].sharding.spec == P(("data", "fsdp"))
+  assert len(batch["image"].addressable_shards) == 8
+  np.testing.assert_array_equal(np.asarray(batch["image"]), host["image"])
+  with pytest.raises(ValueError, match="data.batch_size"):
+    sharding.shard_batch(make_batch(batch_size=12), mesh)
+
+
+@pytest.mark.parametrize("axes, match", [
+    ([("data", 3)], "does not divide"),
+    ([("data", -1), ("fsdp", -1)], "at most one -1"),
+    ([("data", 2), ("fsdp", 2)], "covers 4 devices"),
+    ([("data", -1), ("data", 2)], "repeated"),
+    ([("data",)], "pairs"),
+])
+def test_make_mesh_rejects_bad_axes(axes, match):
+  with pytest.raises(ValueError, match=f"mesh.axes.*{match}"):
+    sharding.make_mesh(axes)
+
+
+def test_make_mesh_fills_the_rest():
+  mesh = sharding.make_mesh([("data", -1), ("fsdp", 2)])
+  assert dict(mesh.shape) == {"data": 4, "fsdp": 2}
+
+
+def test_bad_rules_raise_naming_the_rule():
+  state, _ = _abstract_problem()
+  mesh = sharding.make_mesh([("data", -1), ("fsdp", 8)])
+  with pytest.raises(ValueError, match=r"mesh.rules.*Dense_0.*does not divide"):
+    sharding.param_shardings(state.params, mesh, [("Dense_0/kernel", (None, "fsdp"))])
+  with pytest.raises(ValueError, match=r"mesh.rules.*not in the mesh"):
+    sharding.param_shardings(state.params, mesh, [("kernel", ("model",))])
+  with pytest.raises(ValueError, match=r"mesh.rules.*dimensions"):
+    sharding.param_shardings(state.params, mesh, [("bias", (None, None))])
+
+
+def test_initialize_distributed_is_a_noop_for_one_process(monkeypatch):
+  for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+    monkeypatch.delenv(name, raising=False)
+  assert not sharding.initialize_distributed()
+  assert not sharding.initialize_distributed(num_processes=1)
+  monkeypatch.setenv("JAX_NUM_PROCESSES", "2")
+  with pytest.raises(ValueError, match="coordinator_address"):
+    sharding.initialize_distributed()
