@@ -1,0 +1,51 @@
+"""Two processes on localhost (CPU collectives, gloo) train like one process on one device."""
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from multihost_worker import NUM_STEPS, build_problem, make_batch
+
+WORKER = Path(__file__).with_name("multihost_worker.py")
+TIMEOUT_S = 240  # generous: the 2 cores of CI are shared
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_match_single_process(tmp_path):
+  out = tmp_path / "result.npz"
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # each worker sets 2 devices
+  env.update(JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join(
+      [str(WORKER.parent.parent), env.get("PYTHONPATH", "")]))
+  port = _free_port()
+  procs = [subprocess.Popen([sys.executable, str(WORKER), str(i), "2", str(port), str(out)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for i in range(2)]
+  try:
+    logs = [p.communicate(timeout=TIMEOUT_S)[0] for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  for p, log in zip(procs, logs):
+    assert p.returncode == 0, log[-3000:]
+
+  result = np.load(out)
+  assert int(result["devices"]) == 4  # 2 processes × 2 devices, one global mesh
+
+  step, state, teacher_vars = build_problem()
+  step = jax.jit(step)
+  losses = []
+  for i in range(NUM_STEPS):
+    state, metrics = step(state, teacher_vars, make_batch(seed=i), jax.random.PRNGKey(0))
+    losses.append(float(metrics["train/loss"]))
+  np.testing.assert_allclose(result["losses"], losses, rtol=1e-5)
+  for path, want in jax.tree_util.tree_flatten_with_path(state.params)[0]:
+    np.testing.assert_allclose(result[jax.tree_util.keystr(path)], want, rtol=1e-5, atol=1e-6)
