@@ -1,0 +1,114 @@
+"""The distillation loop: match expert trajectories, update images, labels and α.
+
+Each iteration samples an expert and a start epoch t from the window, runs N inner SGD steps
+from θ*_t on synthetic minibatches and matches θ*_{t+M} (`matching.TrajectoryMatcher`).
+Images, α and learned label logits each have their own optimizer, MTT/DATM's defaults:
+SGD momentum 0.5 for images (lr_img) and α (lr_lr), SGD momentum 0.9 for labels (lr_label).
+"""
+import dataclasses
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from kd_jax.dataset_distill.datm import StartWindow, should_update
+from kd_jax.dataset_distill.matching import TrajectoryMatcher, make_inner_step, minibatch_plan
+
+
+@dataclasses.dataclass
+class SyntheticSet:
+  """images `[S, H, W, C]`; labels `[S]` ids, `[S, C]` probs or logits; lr the α scalar."""
+  images: jax.Array
+  labels: jax.Array
+  lr: jax.Array
+  label_kind: str
+
+
+@dataclasses.dataclass(frozen=True)
+class MatchingConfig:
+  """Hyperparameters of the loop (names as MTT's flags where they exist)."""
+  iterations: int
+  syn_steps: int                 # N
+  expert_epochs: int             # M
+  window: StartWindow
+  batch_syn: int
+  lr_img: float
+  lr_lr: float
+  lr_label: float = 2.0          # DATM lr_y
+  momentum_label: float = 0.9    # DATM Momentum_y
+  mode: str = "exact"
+  threshold: float | None = None
+  seed: int = 0
+
+
+def distill(trajectories: np.ndarray, apply_fn, unravel: Callable, synthetic: SyntheticSet,
+            config: MatchingConfig, *, augment: Callable | None = None,
+            callback: Callable | None = None, log: Callable = print) -> SyntheticSet:
+  """Runs `config.iterations` matching iterations and returns the distilled set.
+
+  Args:
+    trajectories: `[experts, epochs + 1, P]` (may be memory-mapped).
+    apply_fn, unravel: the model and the flat-params unraveller of the experts.
+    synthetic: the initial set.
+    augment: `augment(images, key)` applied inside every inner step (DSA).
+    callback: `callback(iteration, synthetic)` called before iteration 0, 1, ... and after
+      the last; use it for periodic evaluation.
+  """
+  num_experts, num_epochs = trajectories.shape[:2]
+  if config.window.max_start + config.expert_epochs > num_epochs - 1:
+    raise ValueError(f"max_start_epoch ({config.window.max_start}) + expert_epochs "
+                     f"({config.expert_epochs}) exceeds the experts' {num_epochs - 1} epochs")
+  learn_labels = synthetic.label_kind == "logits"
+  step = make_inner_step(apply_fn, unravel, label_kind=synthetic.label_kind, augment=augment)
+  matcher = TrajectoryMatcher(step, mode=config.mode, learn_labels=learn_labels)
+  optimizers = {"images": optax.sgd(config.lr_img, momentum=0.5),
+                "lr": optax.sgd(config.lr_lr, momentum=0.5)}
+  if learn_labels:
+    optimizers["labels"] = optax.sgd(config.lr_label, momentum=config.momentum_label)
+  values = {"images": synthetic.images, "lr": jnp.asarray(synthetic.lr, synthetic.images.dtype)}
+  if learn_labels:
+    values["labels"] = synthetic.labels
+  opt_states = {k: tx.init(values[k]) for k, tx in optimizers.items()}
+
+  @jax.jit
+  def update(values, grads, opt_states):
+    new_values, new_states = {}, {}
+    for k, tx in optimizers.items():
+      updates, new_states[k] = tx.update(grads[k], opt_states[k], values[k])
+      new_values[k] = optax.apply_updates(values[k], updates)
+    return new_values, new_states
+
+  rng = np.random.default_rng(config.seed)
+  key = jax.random.key(config.seed)
+  current = lambda: SyntheticSet(values["images"], values.get("labels", synthetic.labels),
+                                 values["lr"], synthetic.label_kind)
+  start_time = time.time()
+  for it in range(config.iterations):
+    if callback is not None:
+      callback(it, current())
+    expert = int(rng.integers(num_experts))
+    start = config.window.sample(rng, it)
+    theta_start = jnp.asarray(trajectories[expert, start])
+    theta_target = jnp.asarray(trajectories[expert, start + config.expert_epochs])
+    indices = minibatch_plan(rng, synthetic.images.shape[0], config.batch_syn, config.syn_steps)
+    keys = jax.random.split(jax.random.fold_in(key, it), config.syn_steps)
+    loss, grads = matcher(theta_start, theta_target, values["images"], current().labels,
+                          values["lr"], indices, keys)
+    loss = float(loss)
+    if not np.isfinite(loss):
+      raise FloatingPointError(f"matching loss is {loss} at iteration {it}; lower "
+                               "distill.lr_img / distill.lr_lr")
+    updated = should_update(loss, config.threshold)
+    if updated:
+      grads = {"images": grads.images, "lr": grads.lr, **({"labels": grads.labels}
+                                                          if learn_labels else {})}
+      values, opt_states = update(values, grads, opt_states)
+    if it % 10 == 0 or it == config.iterations - 1:
+      log(f"iter {it:5d}  loss {loss:.4f}  start {start:3d}  lr {float(values['lr']):.5f}"
+          f"{'' if updated else '  (skipped)'}  {time.time() - start_time:.0f}s")
+  if callback is not None:
+    callback(config.iterations, current())
+  return current()
