@@ -212,6 +212,23 @@ def jit_train_step(step: Callable, mesh: Mesh, state_shardings_: PyTree,
                  out_shardings=(state_shardings_, replicated), donate_argnums=0)
 
 
+def shard_train_step(step: Callable, state, teacher_vars: PyTree, mesh: Mesh, rules: Rules = (), *,
+                     fsdp_min_size: int = DEFAULT_FSDP_MIN_SIZE):
+  """Places `state` and `teacher_vars` on `mesh` by `rules` and jits `step` for them.
+
+  Returns:
+    `(jitted_step, state, teacher_vars)`: call `jitted_step(state, teacher_vars,
+    shard_batch(host_batch, mesh), rng)`. `teacher_vars` may be None (no teacher).
+  """
+  state_sh = state_shardings(state, mesh, rules, fsdp_min_size=fsdp_min_size)
+  teacher_sh = (None if teacher_vars is None else
+                param_shardings(teacher_vars, mesh, rules, fsdp_min_size=fsdp_min_size))
+  if teacher_vars is not None:
+    teacher_vars = jax.device_put(teacher_vars, teacher_sh)
+  return (jit_train_step(step, mesh, state_sh, teacher_sh), jax.device_put(state, state_sh),
+          teacher_vars)
+
+
 def initialize_distributed(coordinator_address: str | None = None,
                            num_processes: int | None = None,
                            process_id: int | None = None) -> bool:

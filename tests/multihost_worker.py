@@ -19,7 +19,7 @@ import optax
 
 from kd_jax.models.apply import init_model, make_apply_fn
 from kd_jax.models.output import ModelOutput
-from kd_jax.train_step import TrainState, cross_entropy, make_train_step
+from kd_jax.train_step import TrainState, make_kd_objective, make_train_step
 
 NUM_STEPS = 2
 GLOBAL_BATCH = 16
@@ -47,17 +47,6 @@ class TinyCNN(nn.Module):
                        features={"pre_logits": pre_logits})
 
 
-def kd_objective(student_out, teacher_out, batch, distill_params, *, alpha=0.5, temperature=4.0):
-  """(1 − α)·CE + α·T²·KL(teacher_T ‖ student_T), all in float32."""
-  del distill_params
-  s = student_out.logits.astype(jnp.float32) / temperature
-  t = teacher_out.logits.astype(jnp.float32) / temperature
-  kl = jnp.sum(jax.nn.softmax(t) * (jax.nn.log_softmax(t) - jax.nn.log_softmax(s)), -1)
-  ce = jnp.mean(cross_entropy(student_out.logits, batch["label"]))
-  kd = jnp.mean(kl) * temperature**2
-  return (1 - alpha) * ce + alpha * kd, {"task/ce": ce, "distill/kd": kd}
-
-
 def make_batch(seed: int = 0, batch_size: int = GLOBAL_BATCH) -> dict[str, np.ndarray]:
   rs = np.random.RandomState(seed)
   return {"image": rs.normal(size=(batch_size, *IMAGE_SHAPE)).astype(np.float32),
@@ -72,7 +61,8 @@ def build_problem(student_width=(8, 16), teacher_width=(16, 32)):
   t_params, t_state = init_model(teacher, jax.random.PRNGKey(1), (1, *IMAGE_SHAPE))
   tx = optax.sgd(0.1, momentum=0.9)
   state = TrainState.create(params, model_state, tx)
-  step = make_train_step(make_apply_fn(student), make_apply_fn(teacher), kd_objective, tx)
+  objective = make_kd_objective("kd", alpha=0.5, loss_hparams={"temperature": 4.0})
+  step = make_train_step(make_apply_fn(student), make_apply_fn(teacher), objective, tx)
   return step, state, {"params": t_params, **t_state}
 
 
@@ -86,11 +76,8 @@ def main(process_id: int, num_processes: int, port: int, out_path: str) -> None:
   mesh = sharding.make_mesh([("data", -1), ("fsdp", 2)])
   step, state, teacher_vars = build_problem()
   rules = [("Dense_0/kernel", (None, "fsdp"))]
-  state_sh = sharding.state_shardings(state, mesh, rules, fsdp_min_size=64)
-  teacher_sh = sharding.param_shardings(teacher_vars, mesh, rules, fsdp_min_size=64)
-  state = jax.device_put(state, state_sh)
-  teacher_vars = jax.device_put(teacher_vars, teacher_sh)
-  train_step = sharding.jit_train_step(step, mesh, state_sh, teacher_sh)
+  train_step, state, teacher_vars = sharding.shard_train_step(step, state, teacher_vars, mesh,
+                                                              rules, fsdp_min_size=64)
   per_host = GLOBAL_BATCH // num_processes
   losses = []
   for i in range(NUM_STEPS):

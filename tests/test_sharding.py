@@ -14,28 +14,26 @@ def _as_numpy(tree):
 
 def _run_single_device(step, state, teacher_vars, num_steps):
   step = jax.jit(step)
-  losses = []
+  history = []
   for i in range(num_steps):
     state, metrics = step(state, teacher_vars, make_batch(seed=i), jax.random.PRNGKey(0))
-    losses.append(metrics)
-  return _as_numpy(state), _as_numpy(losses)
+    history.append(metrics)
+  return _as_numpy(state), _as_numpy(history)
 
 
 def _run_sharded(step, state, teacher_vars, num_steps, axes, rules=(), fsdp_min_size=64):
   mesh = sharding.make_mesh(axes)
   state_sh = sharding.state_shardings(state, mesh, rules, fsdp_min_size=fsdp_min_size)
-  teacher_sh = sharding.param_shardings(teacher_vars, mesh, rules, fsdp_min_size=fsdp_min_size)
-  state = jax.device_put(state, state_sh)
-  teacher_vars = jax.device_put(teacher_vars, teacher_sh)
-  train_step = sharding.jit_train_step(step, mesh, state_sh, teacher_sh)
-  losses = []
+  train_step, state, teacher_vars = sharding.shard_train_step(
+      step, state, teacher_vars, mesh, rules, fsdp_min_size=fsdp_min_size)
+  history = []
   for i in range(num_steps):
     state, metrics = train_step(state, teacher_vars, sharding.shard_batch(make_batch(seed=i), mesh),
                                 jax.random.PRNGKey(0))
-    losses.append(metrics)
+    history.append(metrics)
   assert jax.tree.all(jax.tree.map(lambda x, s: x.sharding.is_equivalent_to(s, x.ndim),
                                    state, state_sh))
-  return _as_numpy(state), _as_numpy(losses), state_sh
+  return _as_numpy(state), _as_numpy(history), state_sh
 
 
 def _abstract_problem(**widths):
