@@ -9,7 +9,8 @@ from kd_jax.losses.utils import masked_mean, warmup_factor
 # --- logits (kd_jax/losses/logits.py) ---
 from kd_jax.losses.logits import (bdkd, dist, dkd, jensen_shannon, kd, logit_mse,
                                   logit_standardized_kd, meal_v2, nd, nkd, ofa, reverse_kl,
-                                  soft_teacher_cls, teacher_class_means, uskd)
+                                  skd_direction, skd_instance, soft_teacher_cls,
+                                  teacher_class_means, uskd)
 from kd_jax.losses.meal import MealV2Discriminator, meal_v2_discriminator_loss
 # --- end logits ---
 

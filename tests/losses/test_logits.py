@@ -1,6 +1,7 @@
 """Tests for kd_jax.losses.logits and kd_jax.losses.meal: identities, masks, gradients, dtypes,
 argument checks, and parity with reference values (tests/losses/fixtures/logits_reference.npz,
 made by make_logit_fixtures.py from torchdistill 1.1.5 and transcriptions of the papers' code)."""
+import functools
 import os
 
 import jax
@@ -36,27 +37,35 @@ def _logit_losses():
   return [name for name in losses.list_losses() if losses.get_loss(name).kind == "logits"]
 
 
+@functools.cache
+def _jitted(name, hparam_names):
+  """The registered loss, jitted once per hyperparameter set (tests run faster compiled)."""
+  static = tuple(h for h in hparam_names if h != "class_means")
+  return jax.jit(losses.get_loss(name).fn, static_argnames=static)
+
+
 def _call(name, inputs, **hparams):
+  """Calls a registered loss on the inputs its registry entry names."""
   spec = losses.get_loss(name)
   if name == "nd":
     hparams.setdefault("class_means", inputs["class_means"])
-  return spec.fn(*(inputs[k] for k in spec.inputs), **hparams)
+  return _jitted(name, tuple(sorted(hparams)))(*(inputs[k] for k in spec.inputs), **hparams)
 
 
 # Losses whose inputs are (student_logits, teacher_logits[, labels]) and that vanish at s = t.
 ZERO_AT_EQUAL = ["kd", "reverse_kl", "jensen_shannon", "logit_mse", "dkd", "bdkd",
-                 "logit_standardized_kd", "dist"]
+                 "logit_standardized_kd", "dist", "skd_instance", "skd_direction"]
 SHIFT_INVARIANT = ["kd", "reverse_kl", "jensen_shannon", "dkd", "nkd", "ofa", "dist", "meal_v2",
-                   "bdkd", "logit_standardized_kd", "soft_teacher_cls", "uskd"]
+                   "bdkd", "logit_standardized_kd", "soft_teacher_cls", "uskd", "skd_instance"]
 TEACHER_INPUT = [n for n in ("kd", "reverse_kl", "jensen_shannon", "logit_mse", "dkd", "nkd",
                              "dist", "logit_standardized_kd", "ofa", "nd", "meal_v2", "bdkd",
-                             "soft_teacher_cls")]
+                             "soft_teacher_cls", "skd_instance", "skd_direction")]
 
 
 def test_registry_lists_every_logit_loss():
   assert set(_logit_losses()) == {"kd", "reverse_kl", "jensen_shannon", "logit_mse", "dkd", "nkd",
                                   "uskd", "dist", "logit_standardized_kd", "ofa", "nd", "meal_v2",
-                                  "bdkd", "soft_teacher_cls"}
+                                  "bdkd", "soft_teacher_cls", "skd_instance", "skd_direction"}
   for name in _logit_losses():
     spec = losses.get_loss(name)
     assert spec.paper and spec.reference and spec.inputs[0] in ("student_logits",
@@ -191,13 +200,13 @@ def test_meal_v2_discriminator_learns_only_through_its_params():
     scores = disc.apply(p, x["student_logits"][:, :4]), disc.apply(p, x["teacher_logits"][:, :4])
     return jnp.mean(meal_v2_discriminator_loss(*scores))
 
-  grads = jax.grad(loss)(params)
+  grads = jax.jit(jax.grad(loss))(params)
   assert jax.tree.all(jax.tree.map(lambda g: bool(jnp.all(jnp.isfinite(g))), grads))
   with pytest.raises(ValueError, match="reduction"):
     MealV2Discriminator(reduction=8).init(jax.random.key(0), jnp.zeros((1, 10)))
 
 
-@pytest.mark.parametrize("name", ["dist", "soft_teacher_cls"])
+@pytest.mark.parametrize("name", ["dist", "soft_teacher_cls", "skd_direction"])
 def test_batch_relation_mask_equals_slicing(name):
   x = _inputs()
   mask = jnp.array([1, 0, 1, 1, 0, 1], jnp.float32)
@@ -208,6 +217,16 @@ def test_batch_relation_mask_equals_slicing(name):
   sliced = {k: (v[keep] if k != "class_means" else v) for k, v in x.items()}
   sliced["mask"] = None
   np.testing.assert_allclose(_call(name, masked), _call(name, sliced), rtol=1e-5, atol=1e-7)
+
+
+def test_skd_instance_mask_removes_padding_from_the_median():
+  x = _inputs()
+  mask = jnp.array([1, 1, 0, 1, 1, 1], jnp.float32)
+  keep = np.asarray(mask, bool)
+  s, t = x["student_logits"], x["teacher_logits"]
+  masked = L.skd_instance(s, t, mask)
+  np.testing.assert_allclose(masked[keep], L.skd_instance(s[keep], t[keep]), rtol=1e-5)
+  assert float(masked[~keep][0]) == 0.0
 
 
 def test_uskd_mask_removes_padding_from_the_batch_statistic():
@@ -230,7 +249,7 @@ def test_no_gradient_reaches_the_teacher(name):
 
 @pytest.mark.parametrize("name", ["kd", "reverse_kl", "jensen_shannon", "logit_mse", "dkd", "nkd",
                                   "uskd", "dist", "logit_standardized_kd", "ofa", "nd", "meal_v2",
-                                  "bdkd", "soft_teacher_cls"])
+                                  "bdkd", "soft_teacher_cls", "skd_instance", "skd_direction"])
 def test_gradients_match_finite_differences(name):
   with jax.enable_x64(True):
     x = _inputs(seed=3, batch=3, classes=4, dtype=jnp.float64)
@@ -245,7 +264,7 @@ def test_gradients_match_finite_differences(name):
 def test_registered_loss_jits_and_differentiates(name):
   x = _inputs()
   spec = losses.get_loss(name)
-  value = jax.jit(lambda d: _call(name, d))(x)
+  value = _call(name, x)
   assert value.shape == ((B,) if spec.per_example else ())
   assert value.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(value)))
   key = spec.inputs[0]
@@ -274,6 +293,9 @@ def test_bfloat16_in_float32_out(name):
     (lambda s, t, y: L.logit_standardized_kd(s, t, temperature=-2.0), "temperature"),
     (lambda s, t, y: L.ofa(s, t, y, eps=0.0), "eps must be > 0, got 0.0"),
     (lambda s, t, y: L.bdkd(s, t, balance=0.5), "balance must be >= 1, got 0.5"),
+    (lambda s, t, y: L.skd_instance(s, t, temperature=0.0), "temperature"),
+    (lambda s, t, y: L.skd_direction(s, t, tikhonov=0.0), "tikhonov must be > 0, got 0.0"),
+    (lambda s, t, y: L.skd_direction(s, t, mode="both"), "mode must be 'paper' or 'code'"),
     (lambda s, t, y: L.soft_teacher_cls(s, t, y, background_class=C), "background_class"),
     (lambda s, t, y: L.kd(s, t[:, :-1]), "shapes differ"),
     (lambda s, t, y: L.meal_v2(s, t[None, :, :-1]), "teacher_logits must be"),
@@ -323,6 +345,9 @@ PARITY = {
     "nd": (L.nd, ("student_features", "teacher_features", "labels"), {}),
     "meal_v2": (L.meal_v2, ("student", "teachers"), {}),
     "soft_teacher_cls": (L.soft_teacher_cls, ("student", "teacher", "soft_teacher_labels"), {}),
+    "skd_instance_code": (L.skd_instance, ("student", "teacher"), {}),
+    "skd_direction_paper": (L.skd_direction, ("student", "teacher"), {}),
+    "skd_direction_code": (L.skd_direction, ("student", "teacher"), dict(mode="code")),
 }
 
 
