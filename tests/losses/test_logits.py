@@ -272,6 +272,25 @@ def test_registered_loss_jits_and_differentiates(name):
   assert grad.shape == x[key].shape and bool(jnp.all(jnp.isfinite(grad)))
 
 
+def test_generic_kd_objective_feeds_every_logit_loss_it_can():
+  from kd_jax.models.output import ModelOutput
+  from kd_jax.train_step import make_kd_objective
+  x = _inputs()
+  feedable = {"student_logits", "teacher_logits", "labels", "mask", "student_features",
+              "teacher_features"}
+  student = ModelOutput(logits=x["student_logits"], features={"pre_logits": x["student_features"]})
+  teacher = ModelOutput(logits=x["teacher_logits"], features={"pre_logits": x["teacher_features"]})
+  batch = {"label": x["labels"], "mask": x["mask"]}
+  names = [n for n in _logit_losses() if set(losses.get_loss(n).inputs) <= feedable]
+  assert "uskd" not in names and {"kd", "dkd", "dist", "nd"} <= set(names)
+  for name in names:
+    hparams = {"class_means": x["class_means"]} if name == "nd" else {}
+    objective = make_kd_objective(name, loss_hparams=hparams, student_feature="pre_logits",
+                                  teacher_feature="pre_logits")
+    loss, metrics = objective(student, teacher, batch, {})
+    assert loss.shape == () and bool(jnp.isfinite(loss)) and f"distill/{name}" in metrics
+
+
 @pytest.mark.parametrize("name", _logit_losses())
 def test_bfloat16_in_float32_out(name):
   x16 = _inputs(dtype=jnp.bfloat16)
