@@ -58,12 +58,13 @@ def meal_v2_discriminator_loss(student_scores: jax.Array, teacher_scores: jax.Ar
   >>> meal_v2_discriminator_loss(z, z).round(4)
   Array([0.6931, 0.6931, 0.6931], dtype=float32)
   """
-  student_scores = jnp.asarray(student_scores, jnp.promote_types(student_scores.dtype, jnp.float32))
-  teacher_scores = jnp.asarray(teacher_scores, jnp.promote_types(teacher_scores.dtype, jnp.float32))
+  student_scores, teacher_scores = (jnp.asarray(x) for x in (student_scores, teacher_scores))
   if student_scores.shape != teacher_scores.shape or student_scores.shape[-1:] != (2,):
     raise ValueError("student_scores and teacher_scores must both be [B, 2], got "
                      f"{student_scores.shape} and {teacher_scores.shape}")
-  student_target = jnp.broadcast_to(jnp.array([1.0, 0.0], student_scores.dtype), student_scores.shape)
-  student_bce = optax.sigmoid_binary_cross_entropy(student_scores, student_target)
-  teacher_bce = optax.sigmoid_binary_cross_entropy(teacher_scores, 1.0 - student_target)
+  dtype = jnp.promote_types(student_scores.dtype, jnp.float32)
+  student_target = jnp.broadcast_to(jnp.array([1.0, 0.0], dtype), student_scores.shape)
+  student_bce = optax.sigmoid_binary_cross_entropy(student_scores.astype(dtype), student_target)
+  teacher_bce = optax.sigmoid_binary_cross_entropy(teacher_scores.astype(dtype),
+                                                   1.0 - student_target)
   return 0.25 * (jnp.sum(student_bce, axis=-1) + jnp.sum(teacher_bce, axis=-1))
