@@ -19,13 +19,13 @@ def test_convnet3_matches_mtt_shapes_and_param_count():
   assert out.logits.shape == (2, 10)
 
 
-def test_instance_norm_makes_each_example_scale_invariant():
+def test_instance_norm_makes_each_example_scale_invariant(key):
   # Instance norm removes each example's per-channel scale and the conv bias, so scaling
   # one example's input by a > 0 leaves its output unchanged (batch norm would not).
   model = ConvNet(num_classes=3, depth=2, width=8)
   x = jax.random.normal(jax.random.key(1), (2, 8, 8, 1))
-  params, state = init_model(model, jax.random.key(0), x.shape)
-  apply_fn = make_apply_fn(model)
+  params, state = init_model(model, key, x.shape)
+  apply_fn = jax.jit(make_apply_fn(model), static_argnames="train")
   out, _ = apply_fn({"params": params, **state}, x, train=False)
   scaled, _ = apply_fn({"params": params, **state}, x * jnp.array([7.0, 0.5])[:, None, None, None],
                        train=False)
