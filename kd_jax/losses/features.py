@@ -15,7 +15,7 @@ from jax.scipy.stats import norm as _normal
 from kd_jax.losses.registry import register
 
 # torch.nn.functional.normalize's default `eps`.
-_NORMALIZE_EPS = 1e-12
+NORMALIZE_EPS = 1e-12
 
 
 def as_float32(x) -> jax.Array:
@@ -32,7 +32,7 @@ def flatten_examples(x: jax.Array) -> jax.Array:
   return x.reshape(x.shape[0], -1)
 
 
-def l2_normalize(x: jax.Array, axis=-1, eps: float = _NORMALIZE_EPS) -> jax.Array:
+def l2_normalize(x: jax.Array, axis=-1, eps: float = NORMALIZE_EPS) -> jax.Array:
   """`x / max(‖x‖₂, eps)` along `axis` (torch `F.normalize`)."""
   norm = safe_norm(x, axis=axis, keepdims=True)
   return x / jnp.maximum(norm, eps)

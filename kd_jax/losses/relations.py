@@ -11,8 +11,8 @@ import math
 import jax
 import jax.numpy as jnp
 
-from kd_jax.losses.features import (as_float32, flatten_examples, l2_normalize, safe_norm,
-                                    teacher_float32)
+from kd_jax.losses.features import (NORMALIZE_EPS, as_float32, flatten_examples, l2_normalize,
+                                    safe_norm, teacher_float32)
 from kd_jax.losses.modules import CRDMemory
 from kd_jax.losses.registry import register
 
@@ -41,19 +41,21 @@ def _flat_pair(student, teacher, mask):
 
 
 def similarity_preserving(student_features: jax.Array, teacher_features: jax.Array,
-                          mask: jax.Array | None = None) -> jax.Array:
+                          mask: jax.Array | None = None, *, p: int = 1) -> jax.Array:
   """Similarity-preserving KD (SP): match row-normalised batch Gram matrices.
 
-  G = row_normalize(F Fᵀ) on flattened features; ℓ = ‖G_t − G_s‖²_F / n² (n real examples).
-  Returns ONE SCALAR per batch.
+  G = F Fᵀ on flattened features, each row divided by its L_p norm;
+  ℓ = ‖G_t − G_s‖²_F / n² (n real examples). Returns ONE SCALAR per batch.
 
   Tung & Mori, "Similarity-Preserving Knowledge Distillation", ICCV 2019. Reference:
-  torchdistill `SPKDLoss(reduction='batchmean')` (= RepDistiller `Similarity`).
+  torchdistill `SPKDLoss(reduction='batchmean')`, which calls `normalize(G, 1)`, i.e. an
+  L1 row norm: hence the default p=1. The paper and RepDistiller `Similarity` use p=2.
 
   Args:
     student_features: `[B, ...]`.
     teacher_features: `[B, ...]` (its width may differ).
     mask: `[B]` real-example flags, or None.
+    p: row-norm order, 1 (torchdistill) or 2 (paper).
   Returns:
     Scalar float32.
 
@@ -61,9 +63,17 @@ def similarity_preserving(student_features: jax.Array, teacher_features: jax.Arr
   >>> float(similarity_preserving(x, 2 * x))
   0.0
   """
+  if p not in (1, 2):
+    raise ValueError(f"similarity_preserving: p must be 1 or 2, got {p!r}")
   student, teacher, _, n = _flat_pair(student_features, teacher_features, mask)
-  gram_s = l2_normalize(student @ student.T, axis=1)
-  gram_t = l2_normalize(teacher @ teacher.T, axis=1)
+
+  def row_normalize(gram):
+    if p == 2:
+      return l2_normalize(gram, axis=1)
+    return gram / jnp.maximum(jnp.sum(jnp.abs(gram), axis=1, keepdims=True), NORMALIZE_EPS)
+
+  gram_s = row_normalize(student @ student.T)
+  gram_t = row_normalize(teacher @ teacher.T)
   return jnp.sum(jnp.square(gram_t - gram_s)) / n ** 2
 
 
