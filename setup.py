@@ -30,6 +30,7 @@ setup(
         "scikit-learn",     # ships the embedded digits dataset (no network needed)
         "tensorboardX",     # TensorBoard event files without TensorFlow
         "matplotlib",       # learning curves and synthetic-image grids
+        "pillow",           # TFDS image decoding without TensorFlow; resizing
     ],
     extras_require={
         "test": [

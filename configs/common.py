@@ -34,6 +34,7 @@ def kd_config() -> ml_collections.ConfigDict:
   c.data.data_dir = ""          # "" = TFDS default (~/tensorflow_datasets)
   c.data.train_split = "train"
   c.data.eval_split = "test"
+  c.data.in_memory = False      # load the splits into RAM (small datasets: ~70x faster batches)
   c.data.batch_size = 64        # global batch
   c.data.eval_batch_size = 256
   c.data.crop_padding = 0       # random crop after zero padding by this many pixels

@@ -20,6 +20,7 @@ def get_config(arg=None):
   c.data.batch_size = 64
   c.data.eval_batch_size = 500
   c.data.crop_padding = 1
+  c.data.in_memory = True
   if args.validate:
     c.data.train_split, c.data.eval_split = "train[:1100]", "train[1100:]"
   c.teacher.model = "digits_cnn_teacher"

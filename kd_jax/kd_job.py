@@ -55,30 +55,36 @@ def _check_objective(objective, student_apply, student_vars, teacher_apply, teac
                      "distill.hparams and distill.*_feature") from None
 
 
+def _open(data_config, split: str, data_dir):
+  if data_config.in_memory:
+    return data.ArrayDataSource(*data.load_arrays(data_config.name, split, data_dir))
+  return data.open_source(data_config.name, split, data_dir)
+
+
 def run(config, workdir: str) -> list[dict]:
   """Runs the job described by `config` (see configs/common.py:kd_config) in `workdir`."""
   os.makedirs(workdir, exist_ok=True)
   dtype = _compute_dtype(config.precision)
   data_dir = config.data.data_dir or None
   info = data.dataset_info(config.data.name, data_dir)
-  train_source = data.open_source(config.data.name, config.data.train_split, data_dir)
-  eval_source = data.open_source(config.data.name, config.data.eval_split, data_dir)
+  train_source, eval_source = (_open(config.data, split, data_dir)
+                               for split in (config.data.train_split, config.data.eval_split))
   batch_size = config.data.batch_size
   if batch_size > len(train_source):
     raise ValueError(f"data.batch_size={batch_size} exceeds the {len(train_source)} examples of "
                      f"{config.data.name}:{config.data.train_split}; lower it")
-  steps_per_epoch = len(train_source) // batch_size
+  steps_per_epoch = data.steps_per_epoch(len(train_source), batch_size)
   image_shape = tuple(info.image_shape)
   augment = data.AugmentConfig(crop_padding=config.data.crop_padding, flip=config.data.flip)
 
   def train_batches(seed):
     return lambda start: data.train_batches(
-        train_source, info, batch_size=batch_size, seed=seed, start_step=start, augment=augment,
-        process_index=jax.process_index(), process_count=jax.process_count())
+        train_source, batch_size=batch_size, seed=seed, start_step=start, augment=augment,
+        mean=info.mean, std=info.std, process_index=jax.process_index(), process_count=jax.process_count())
 
   def eval_batches():
-    return data.eval_batches(eval_source, info, batch_size=config.data.eval_batch_size,
-                             process_index=jax.process_index(), process_count=jax.process_count())
+    return data.eval_batches(eval_source, batch_size=config.data.eval_batch_size,
+                             mean=info.mean, std=info.std, process_index=jax.process_index(), process_count=jax.process_count())
 
   def make_tx(num_epochs):
     total = num_epochs * steps_per_epoch

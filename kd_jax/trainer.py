@@ -8,6 +8,7 @@ import os
 from typing import Any, Callable, Iterable, Iterator
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from kd_jax import checkpoint, metrics
@@ -85,8 +86,10 @@ def train(stage: Stage, workdir: str, train_batches: Callable[[int], Iterator[di
   stage_dir = os.path.join(workdir, stage.name)
   ckpt = checkpoint.Checkpointer(os.path.join(stage_dir, "checkpoints"), stage.metadata,
                                  keep=options.keep_checkpoints)
-  params = stage.init_variables["params"]
-  model_state = {k: v for k, v in stage.init_variables.items() if k != "params"}
+  # Copies: the jitted step donates the state, and callers may reuse init_variables.
+  variables = jax.tree.map(jnp.array, stage.init_variables)
+  params = variables.pop("params")
+  model_state = variables
   state = TrainState.create(params, model_state, stage.tx, stage.distill_params)
   if ckpt.latest_step() is not None:
     state = ckpt.restore(state)

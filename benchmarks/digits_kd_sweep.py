@@ -1,0 +1,55 @@
+"""Chooses the digits KD recipe on a validation split carved from train (never on test).
+
+    python benchmarks/digits_kd_sweep.py --workdir=/tmp/digits_sweep
+
+Trains on train[:1100], evaluates on train[1100:], for 3 seeds: the teacher and the
+label-only baseline once per seed, then the KD student for each (temperature, alpha).
+Prints the mean validation accuracy of each setting.
+"""
+import itertools
+import os
+import sys
+
+from absl import app, flags, logging
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from configs import digits_kd  # noqa: E402  pylint: disable=g-import-not-at-top
+from kd_jax import kd_job  # noqa: E402  pylint: disable=g-import-not-at-top
+
+_WORKDIR = flags.DEFINE_string("workdir", "/tmp/digits_sweep", "Where runs are written.")
+_SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds.")
+_TEMPERATURES = flags.DEFINE_list("temperatures", ["2", "4", "8"], "KD temperatures.")
+_ALPHAS = flags.DEFINE_list("alphas", ["0.5", "0.9"], "KD weights.")
+_EPOCHS = flags.DEFINE_integer("epochs", 30, "Student epochs.")
+
+
+def main(_):
+  logging.set_verbosity(logging.WARNING)
+  os.environ.setdefault("CI", "true")  # no progress bars
+  acc = {}
+  for seed in map(int, _SEEDS.value):
+    base_dir = os.path.join(_WORKDIR.value, f"seed{seed}")
+    config = digits_kd.get_config(f"validate,seed={seed}")
+    with config.unlocked():
+      config.student.num_epochs = _EPOCHS.value
+    rows = {r["stage"]: r["accuracy"] for r in kd_job.run(config, base_dir)}
+    acc.setdefault("teacher", []).append(rows["teacher"])
+    acc.setdefault("baseline", []).append(rows["student_baseline"])
+    for t, a in itertools.product(map(float, _TEMPERATURES.value), map(float, _ALPHAS.value)):
+      with config.unlocked():
+        config.teacher.checkpoint = os.path.join(base_dir, "teacher", "checkpoints")
+        config.student.baseline = False
+        config.distill.hparams.temperature, config.distill.alpha = t, a
+      rows = kd_job.run(config, os.path.join(base_dir, f"kd_T{t}_a{a}"))
+      acc.setdefault(f"kd T={t} alpha={a}", []).append(rows[-1]["accuracy"])
+      print(f"seed {seed} T={t} alpha={a}: {100 * rows[-1]['accuracy']:.2f}", flush=True)
+  print(f"\nvalidation accuracy (train[1100:]), mean ± std over seeds {_SEEDS.value}, "
+        f"student epochs {_EPOCHS.value}")
+  for name, values in acc.items():
+    print(f"{name:<24} {100 * np.mean(values):6.2f} ± {100 * np.std(values):.2f}   "
+          f"{[round(100 * v, 2) for v in values]}")
+
+
+if __name__ == "__main__":
+  app.run(main)
