@@ -1,0 +1,312 @@
+"""KD-step throughput: kd_jax (one jitted step) against a PyTorch eager reference of the same work.
+
+One step = resnet32x4 teacher forward (eval mode, no gradient) + resnet8x4 student forward
+and backward + SGD (momentum 0.9, weight decay 5e-4) on a CIFAR-shaped batch (64×32×32×3,
+100 classes), loss 0.1·CE + 0.9·T²·KL with T = 4 (the RepDistiller/mdistiller recipe).
+Both frameworks run in this process with the same thread count; measurements alternate
+(JAX round, PyTorch round, ...) so machine load hits both alike, and the ratio per round is
+reported.
+
+  pip install torch==2.13.0        # benchmark-only dependency, never needed by kd_jax
+  python benchmarks/kd_step_throughput.py --rounds 5 --steps 5
+  python benchmarks/kd_step_throughput.py --precision bfloat16
+  python benchmarks/kd_step_throughput.py --profile   # where the JAX step's time goes
+
+XLA CPU flags go through the environment, e.g.
+`XLA_FLAGS=--xla_cpu_use_onednn=true python benchmarks/kd_step_throughput.py`.
+"""
+import argparse
+import collections
+import glob
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+BATCH, IMAGE, CLASSES = 64, (32, 32, 3), 100
+TEMPERATURE, ALPHA, LR, MOMENTUM, WEIGHT_DECAY = 4.0, 0.9, 0.05, 0.9, 5e-4
+
+
+def make_batches(n: int, seed: int = 0):
+  rs = np.random.RandomState(seed)
+  return [{"image": rs.normal(size=(BATCH, *IMAGE)).astype(np.float32),
+           "label": rs.randint(0, CLASSES, size=(BATCH,)).astype(np.int32)} for _ in range(n)]
+
+
+# ----------------------------------------------------------------------------- JAX
+def build_jax(precision: str):
+  import jax
+  import optax
+
+  from kd_jax import models
+  from kd_jax.precision import compute_dtype
+  from kd_jax.train_step import TrainState, make_kd_objective, make_train_step
+
+  dtype = compute_dtype(precision)
+  student = models.create_model("resnet8x4", num_classes=CLASSES, dtype=dtype)
+  teacher = models.create_model("resnet32x4", num_classes=CLASSES, dtype=dtype)
+  params, model_state = models.init_model(student, jax.random.PRNGKey(0), (1, *IMAGE))
+  t_params, t_state = models.init_model(teacher, jax.random.PRNGKey(1), (1, *IMAGE))
+  tx = optax.chain(optax.add_decayed_weights(WEIGHT_DECAY), optax.sgd(LR, momentum=MOMENTUM))
+  objective = make_kd_objective("kd", alpha=ALPHA, loss_hparams={"temperature": TEMPERATURE})
+  step = jax.jit(make_train_step(models.make_apply_fn(student), models.make_apply_fn(teacher),
+                                 objective, tx), donate_argnums=0)
+  state = TrainState.create(params, model_state, tx)
+  teacher_vars = {"params": t_params, **t_state}
+  rng = jax.random.PRNGKey(0)
+  example = jax.tree.map(jax.numpy.asarray, make_batches(1)[0])
+  t0 = time.perf_counter()
+  compiled = step.lower(state, teacher_vars, example, rng).compile()
+  compile_s = time.perf_counter() - t0
+
+  def run(state, batches):
+    for batch in batches:
+      state, metrics = compiled(state, teacher_vars, batch, rng)
+    jax.block_until_ready((state, metrics))
+    return state, float(metrics["train/loss"])
+
+  return run, state, compiled, compile_s
+
+
+# ----------------------------------------------------------------------------- PyTorch
+def build_torch(threads: int):
+  import torch
+  from torch import nn
+  import torch.nn.functional as F
+
+  torch.set_num_threads(threads)
+
+  class Block(nn.Module):
+
+    def __init__(self, cin, cout, stride):
+      super().__init__()
+      self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+      self.bn1 = nn.BatchNorm2d(cout)
+      self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+      self.bn2 = nn.BatchNorm2d(cout)
+      self.shortcut = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
+                                     nn.BatchNorm2d(cout))
+                       if stride != 1 or cin != cout else nn.Identity())
+
+    def forward(self, x):
+      y = F.relu(self.bn1(self.conv1(x)))
+      return F.relu(self.bn2(self.conv2(y)) + self.shortcut(x))
+
+  class ResNet(nn.Module):  # RepDistiller's CIFAR ResNet, the same graph as kd_jax's
+
+    def __init__(self, depth, widths=(32, 64, 128, 256), num_classes=CLASSES):
+      super().__init__()
+      n = (depth - 2) // 6
+      self.stem = nn.Sequential(nn.Conv2d(3, widths[0], 3, 1, 1, bias=False),
+                                nn.BatchNorm2d(widths[0]), nn.ReLU())
+      blocks, cin = [], widths[0]
+      for width, stride in zip(widths[1:], (1, 2, 2)):
+        for i in range(n):
+          blocks.append(Block(cin, width, stride if i == 0 else 1))
+          cin = width
+      self.blocks = nn.Sequential(*blocks)
+      self.fc = nn.Linear(cin, num_classes)
+
+    def forward(self, x):
+      x = self.blocks(self.stem(x))
+      return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+  torch.manual_seed(0)
+  student, teacher = ResNet(8), ResNet(32).eval()
+  opt = torch.optim.SGD(student.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+
+  def run(state, batches):
+    del state
+    for batch in batches:
+      x, y = batch["image_nchw"], batch["label_t"]
+      with torch.no_grad():
+        t_logits = teacher(x)
+      s_logits = student(x)
+      kl = F.kl_div(F.log_softmax(s_logits / TEMPERATURE, 1), F.log_softmax(t_logits / TEMPERATURE, 1),
+                    reduction="batchmean", log_target=True) * TEMPERATURE**2
+      loss = (1 - ALPHA) * F.cross_entropy(s_logits, y) + ALPHA * kl
+      opt.zero_grad(set_to_none=True)
+      loss.backward()
+      opt.step()
+    return None, float(loss)
+
+  def to_torch(batches):
+    return [{"image_nchw": torch.from_numpy(b["image"].transpose(0, 3, 1, 2).copy()),
+             "label_t": torch.from_numpy(b["label"].astype(np.int64))} for b in batches]
+
+  params = sum(p.numel() for p in student.parameters()), sum(p.numel() for p in teacher.parameters())
+  return run, to_torch, params, torch.__version__
+
+
+# ----------------------------------------------------------------------------- profile
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = \w+\[([0-9,]*)\]\S* (\w[\w\-]*)\((.*)")
+_COMPUTATION = re.compile(r"^%([\w.\-]+) \(")
+
+
+def _parse_hlo(text: str):
+  """`(shapes, ops_by_computation, calls)` of optimised HLO text."""
+  shapes, ops, calls, current = {}, collections.defaultdict(set), {}, None
+  for line in text.splitlines():
+    if (m := _COMPUTATION.match(line)) or line.startswith("ENTRY"):
+      current = m.group(1) if m else "ENTRY"
+      continue
+    m = _INSTRUCTION.match(line)
+    if not m:
+      continue
+    name, dims, opcode, rest = m.groups()
+    shapes[name] = tuple(int(d) for d in dims.split(",") if d)
+    ops[current].add(opcode)
+    if (called := re.search(r"calls=%([\w.\-]+)", rest)):
+      calls[name] = called.group(1)
+  return shapes, ops, calls
+
+
+def _valid_pairs(out: int, kernel: int, size: int, stride=1, pad_lo=0, lhs_dil=1, rhs_dil=1) -> int:
+  """#(output position, kernel tap) pairs that read a real (unpadded, undilated) input element."""
+  o, k = np.meshgrid(np.arange(out), np.arange(kernel), indexing="ij")
+  pos = o * stride + k * rhs_dil - pad_lo
+  return int(np.sum((pos >= 0) & (pos % lhs_dil == 0) & (pos // lhs_dil < size)))
+
+
+def _conv_flops(line: str, shapes: dict, out_name: str, operands: list[str]) -> float:
+  """Exact multiply-add count ×2 of one HLO convolution (padding and dilation excluded)."""
+  lhs_l, rhs_l, out_l = re.search(r"dim_labels=(\w+)_(\w+)->(\w+)", line).groups()
+  lhs, rhs, out = shapes[operands[0]], shapes[operands[1]], shapes[out_name]
+  window = re.search(r"window=\{([^}]*)\}", line).group(1)
+
+  def field(key, n, default):
+    m = re.search(rf"{key}=(\S+)", window)
+    return [default] * n if not m else m.group(1).split("x")
+
+  n = len(lhs_l) - 2
+  strides = [int(v) for v in field("stride", n, 1)]
+  pads = [int(v.split("_")[0]) for v in field("pad", n, "0_0")]
+  lhs_dil = [int(v) for v in field("lhs_dilate", n, 1)]
+  rhs_dil = [int(v) for v in field("rhs_dilate", n, 1)]
+  groups = re.search(r"feature_group_count=(\d+)", line)
+  macs = out[out_l.index("b")] * out[out_l.index("f")] * lhs[lhs_l.index("f")]
+  macs /= int(groups.group(1)) if groups else 1
+  for d in range(n):
+    macs *= _valid_pairs(out[out_l.index(str(d))], rhs[rhs_l.index(str(d))],
+                         lhs[lhs_l.index(str(d))], strides[d], pads[d], lhs_dil[d], rhs_dil[d])
+  return 2.0 * macs
+
+
+def conv_flop_share(compiled) -> dict:
+  """Convolution FLOPs in the optimised HLO against XLA's cost analysis of the whole step."""
+  text = compiled.as_text()
+  shapes, _, _ = _parse_hlo(text)
+  total = compiled.cost_analysis()
+  total = (total[0] if isinstance(total, list) else total)["flops"]
+  conv = 0.0
+  for line in text.splitlines():
+    m = _INSTRUCTION.match(line)
+    if m and m.group(3) == "convolution":
+      conv += _conv_flops(line, shapes, m.group(1), re.findall(r"%([\w.\-]+)", m.group(4)))
+  return {"step_gflop": round(total / 1e9, 2), "conv_gflop": round(conv / 1e9, 2),
+          "conv_flop_share": round(conv / total, 4)}
+
+
+def _category(name: str, ops: dict, calls: dict) -> str:
+  called = ops.get(calls.get(name, ""), set())
+  if "convolution" in called or "convolution" in name:
+    return "convolution (incl. fused BN/ReLU)"
+  if "dot" in called or name.startswith("dot"):
+    return "dot"
+  if "reduce" in called or name.startswith("reduce"):
+    return "reduce (BN statistics, pooling)"
+  if "transpose" in name or "copy" in name or called & {"transpose", "copy"}:
+    return "copy/transpose"
+  return "elementwise/other"
+
+
+def profile_time_by_op(compiled, run, state, batches) -> dict:
+  """Thunk time per op category from a jax.profiler trace of `len(batches)` steps.
+
+  Times are summed over XLA:CPU's worker threads, so they can exceed wall time.
+  """
+  import jax
+  from jax._src.lib import _profile_data
+
+  _, ops, calls = _parse_hlo(compiled.as_text())
+  with tempfile.TemporaryDirectory() as logdir:
+    with jax.profiler.trace(logdir):
+      run(state, batches)
+    (path,) = glob.glob(os.path.join(logdir, "**", "*.xplane.pb"), recursive=True)
+    data = _profile_data.ProfileData.from_file(path)
+  per_op = collections.Counter()
+  for plane in data.planes:
+    for line in plane.lines:
+      for event in line.events:
+        if event.name in calls or re.match(r"^[a-z_\-]+\.\d+$", event.name):
+          per_op[event.name] += event.duration_ns
+  per_category = collections.Counter()
+  for name, ns in per_op.items():
+    per_category[_category(name, ops, calls)] += ns
+  total = sum(per_category.values()) or 1
+  return {"thunk_ms_per_step": round(total / 1e6 / len(batches), 1),
+          "share": {k: round(v / total, 4) for k, v in per_category.most_common()},
+          "top_ops_ms_per_step": {k: round(v / 1e6 / len(batches), 1)
+                                  for k, v in per_op.most_common(8)}}
+
+
+# ----------------------------------------------------------------------------- main
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--rounds", type=int, default=5, help="alternating JAX/PyTorch rounds")
+  parser.add_argument("--steps", type=int, default=5, help="steps per round and framework")
+  parser.add_argument("--threads", type=int, default=os.cpu_count(), help="PyTorch threads "
+                      "(XLA:CPU uses one thread per core)")
+  parser.add_argument("--precision", default="float32", choices=("float32", "bfloat16"))
+  parser.add_argument("--profile", action="store_true", help="print the JAX step's op breakdown")
+  parser.add_argument("--json", default="", help="also write the figures to this file")
+  args = parser.parse_args()
+
+  import jax
+
+  jax_run, jax_state, compiled, compile_s = build_jax(args.precision)
+  torch_run, to_torch, torch_params, torch_version = build_torch(args.threads)
+  batches = make_batches(args.steps)
+  jax_batches = [jax.tree.map(jax.numpy.asarray, b) for b in batches]
+  torch_batches = to_torch(batches)
+  jax_state, _ = jax_run(jax_state, jax_batches[:1])  # warm-up (first call, allocations)
+  torch_run(None, torch_batches[:1])
+
+  jax_s, torch_s = [], []
+  for _ in range(args.rounds):
+    t0 = time.perf_counter()
+    jax_state, _ = jax_run(jax_state, jax_batches)
+    jax_s.append((time.perf_counter() - t0) / args.steps)
+    t0 = time.perf_counter()
+    torch_run(None, torch_batches)
+    torch_s.append((time.perf_counter() - t0) / args.steps)
+  ratios = np.asarray(torch_s) / np.asarray(jax_s)
+  result = {
+      "precision": args.precision, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+      "threads": args.threads, "cpu_count": os.cpu_count(), "jax": jax.__version__,
+      "torch": torch_version, "jax_compile_s": round(compile_s, 2),
+      "jax_s_per_step": [round(x, 4) for x in jax_s],
+      "torch_s_per_step": [round(x, 4) for x in torch_s],
+      "jax_images_per_s_median": round(BATCH / float(np.median(jax_s)), 1),
+      "torch_images_per_s_median": round(BATCH / float(np.median(torch_s)), 1),
+      "speedup_jax_over_torch_per_round": [round(x, 3) for x in ratios],
+      "speedup_median": round(float(np.median(ratios)), 3),
+      "torch_params_student_teacher": torch_params,
+  }
+  if args.profile:
+    result["flops"] = conv_flop_share(compiled)
+    result["time_by_op"] = profile_time_by_op(compiled, jax_run, jax_state, jax_batches)
+  print(json.dumps(result, indent=1))
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+  main()
