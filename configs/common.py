@@ -71,6 +71,11 @@ def kd_config() -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict()
   c.mesh.axes = (("data", -1),)  # -1: all remaining devices
   c.mesh.rules = ()              # ((param-path regex, partition spec tuple), ...)
+  # Multi-host (jax.distributed); empty/0/-1 fall back to JAX_COORDINATOR_ADDRESS,
+  # JAX_NUM_PROCESSES, JAX_PROCESS_ID, and to a single process when none is set.
+  c.mesh.coordinator_address = ""
+  c.mesh.num_processes = 0
+  c.mesh.process_id = -1
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every_steps = 500

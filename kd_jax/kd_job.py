@@ -11,17 +11,8 @@ import os
 import jax
 import jax.numpy as jnp
 
-from kd_jax import checkpoint, data, models, optim, trainer
+from kd_jax import checkpoint, data, models, optim, precision, trainer
 from kd_jax.train_step import make_kd_objective
-
-PRECISIONS = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-
-def _compute_dtype(precision: str):
-  if precision not in PRECISIONS:
-    raise ValueError(f"precision={precision!r} is unknown; valid: {', '.join(PRECISIONS)}")
-  return PRECISIONS[precision]
-
 
 def _build(model_name: str, field: str, num_classes: int, dtype, image_shape, rng):
   """Creates a model; returns (apply_fn, variables, metadata)."""
@@ -64,7 +55,7 @@ def _open(data_config, split: str, data_dir):
 def run(config, workdir: str) -> list[dict]:
   """Runs the job described by `config` (see configs/common.py:kd_config) in `workdir`."""
   os.makedirs(workdir, exist_ok=True)
-  dtype = _compute_dtype(config.precision)
+  dtype = precision.compute_dtype(config.precision)
   data_dir = config.data.data_dir or None
   info = data.dataset_info(config.data.name, data_dir)
   train_source, eval_source = (_open(config.data, split, data_dir)
@@ -116,7 +107,9 @@ def run(config, workdir: str) -> list[dict]:
   options = trainer.LoopOptions(seed=config.seed, log_every=config.log.every_steps,
                                 checkpoint_every=config.checkpoint.every_steps,
                                 keep_checkpoints=config.checkpoint.keep,
-                                tensorboard=config.log.tensorboard)
+                                tensorboard=config.log.tensorboard,
+                                mesh_axes=tuple(map(tuple, config.mesh.axes)),
+                                mesh_rules=tuple(map(tuple, config.mesh.rules)))
   results = []
 
   def finish(name, apply_fn, variables, meta):

@@ -21,6 +21,12 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO.
   config, workdir = _CONFIG.value, _WORKDIR.value
+  if "mesh" in config:
+    from kd_jax import sharding  # pylint: disable=g-import-not-at-top
+    sharding.initialize_distributed(config.mesh.get("coordinator_address") or None,
+                                    config.mesh.get("num_processes") or None,
+                                    None if config.mesh.get("process_id", -1) < 0
+                                    else config.mesh.process_id)
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write(config.to_json_best_effort(indent=2))

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from kd_jax import checkpoint, metrics
+from kd_jax import checkpoint, metrics, sharding
 from kd_jax.train_step import ApplyFn, Objective, TrainState, make_eval_step, make_train_step
 
 
@@ -49,8 +49,8 @@ class LoopOptions:
   checkpoint_every: int = 200
   keep_checkpoints: int = 3
   tensorboard: bool = True
-  # jit(step) or a sharded jit from kd_jax.sharding; None means jax.jit with donation.
-  jit_step: Callable | None = None
+  mesh_axes: tuple = (("data", -1),)  # see kd_jax.sharding.make_mesh
+  mesh_rules: tuple = ()              # parameter-sharding regex table (FSDP etc.)
 
 
 def evaluate(apply_fn: ApplyFn, variables, batches: Iterable[dict], eval_step=None) -> dict:
@@ -91,11 +91,13 @@ def train(stage: Stage, workdir: str, train_batches: Callable[[int], Iterator[di
   params = variables.pop("params")
   model_state = variables
   state = TrainState.create(params, model_state, stage.tx, stage.distill_params)
+  mesh = sharding.make_mesh(options.mesh_axes)
+  step_fn, state, teacher_vars = sharding.shard_train_step(
+      make_train_step(stage.apply_fn, stage.teacher_apply_fn, stage.objective, stage.tx), state,
+      stage.teacher_variables, mesh, options.mesh_rules)
   if ckpt.latest_step() is not None:
-    state = ckpt.restore(state)
+    state = ckpt.restore(state)  # into the shardings just placed
   start = int(state.step)
-  step_fn = make_train_step(stage.apply_fn, stage.teacher_apply_fn, stage.objective, stage.tx)
-  step_fn = (options.jit_step or (lambda f: jax.jit(f, donate_argnums=0)))(step_fn)
   rng = jax.random.PRNGKey(options.seed)
   writer = metrics.MetricWriter(stage_dir, tensorboard=options.tensorboard)
   pending = metrics.PendingMetrics()
@@ -104,7 +106,8 @@ def train(stage: Stage, workdir: str, train_batches: Callable[[int], Iterator[di
   try:
     batches = train_batches(start)
     for step in range(start, stage.num_steps):
-      state, step_metrics = step_fn(state, stage.teacher_variables, next(batches), rng)
+      batch = sharding.shard_batch(next(batches), mesh)
+      state, step_metrics = step_fn(state, teacher_vars, batch, rng)
       pending.add(step + 1, step_metrics)
       done = step + 1
       at_log = done % options.log_every == 0 or done == stage.num_steps
