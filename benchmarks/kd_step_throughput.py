@@ -289,7 +289,8 @@ def main():
   ratios = np.asarray(torch_s) / np.asarray(jax_s)
   result = {
       "precision": args.precision, "xla_flags": os.environ.get("XLA_FLAGS", ""),
-      "threads": args.threads, "cpu_count": os.cpu_count(), "jax": jax.__version__,
+      "threads": args.threads, "cpu_count": os.cpu_count(),
+      "load_average_1_5_15min": [round(x, 1) for x in os.getloadavg()], "jax": jax.__version__,
       "torch": torch_version, "jax_compile_s": round(compile_s, 2),
       "jax_s_per_step": [round(x, 4) for x in jax_s],
       "torch_s_per_step": [round(x, 4) for x in torch_s],
