@@ -58,9 +58,10 @@ def distill(trajectories: np.ndarray, apply_fn, unravel: Callable, synthetic: Sy
       the last; use it for periodic evaluation.
   """
   num_experts, num_epochs = trajectories.shape[:2]
-  if config.window.max_start + config.expert_epochs > num_epochs - 1:
-    raise ValueError(f"max_start_epoch ({config.window.max_start}) + expert_epochs "
-                     f"({config.expert_epochs}) exceeds the experts' {num_epochs - 1} epochs")
+  if config.window.max_start - 1 + config.expert_epochs > num_epochs - 1:
+    raise ValueError(f"start epochs up to max_start_epoch - 1 = {config.window.max_start - 1} "
+                     f"plus expert_epochs = {config.expert_epochs} exceed the experts' "
+                     f"{num_epochs - 1} epochs; lower them or train longer experts")
   learn_labels = synthetic.label_kind == "logits"
   step = make_inner_step(apply_fn, unravel, label_kind=synthetic.label_kind, augment=augment)
   matcher = TrajectoryMatcher(step, mode=config.mode, learn_labels=learn_labels)

@@ -1,0 +1,105 @@
+"""Memory and time of trajectory matching: exact two-pass vs unrolled autodiff (DESIGN.md §4).
+
+    PYTHONPATH=. python benchmarks/trajectory_matching_memory.py
+    PYTHONPATH=. python benchmarks/trajectory_matching_memory.py --ns=5,10 --max_unrolled_n=10 --time_max_n=10
+
+ConvNet-3 (width 128, instance norm) at 32×32×3, 10 classes, 100 synthetic images (batch_syn
+100), DSA on, learned soft labels. Memory is XLA's `compiled.memory_analysis()`:
+  exact    = max over its two jitted per-step functions (forward step, backward VJP step) of
+             temp + argument bytes, plus the stored θ_0..θ_N ((N + 1)·P·4 bytes);
+  unrolled = temp + argument bytes of the single jitted value-and-grad through N steps.
+Unrolled compile time and memory grow with N, so it is run only up to --max_unrolled_n; the
+end-to-end gradient is timed (1 call after a warm-up) up to --time_max_n.
+Last, the exact mode's memory at MTT's CIFAR-100 IPC 50 setting (N = 80, 5,000 images,
+batch_syn 125, 100 classes), from memory analysis only.
+"""
+import argparse
+import platform
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.flatten_util import ravel_pytree
+
+from kd_jax.data.dsa import diff_augment
+from kd_jax.dataset_distill.matching import TrajectoryMatcher, make_inner_step, minibatch_plan
+from kd_jax.models import create_model, init_model, make_apply_fn
+
+GIB = 2.0 ** 30
+
+
+def _setup(num_classes, num_images, batch_syn, n):
+  module = create_model("convnet", num_classes=num_classes)
+  params, _ = init_model(module, jax.random.key(0), (1, 32, 32, 3))
+  theta, unravel = ravel_pytree(params)
+  step = make_inner_step(make_apply_fn(module), unravel, label_kind="logits",
+                         augment=lambda x, k: diff_augment(x, k))
+  images = jax.random.normal(jax.random.key(1), (num_images, 32, 32, 3))
+  labels = jax.random.normal(jax.random.key(2), (num_images, num_classes))
+  indices = jnp.asarray(minibatch_plan(np.random.default_rng(0), num_images, batch_syn, n))
+  keys = jax.random.split(jax.random.key(3), n)
+  target = theta + 0.01 * jax.random.normal(jax.random.key(4), theta.shape)
+  return step, (theta, target, images, labels, jnp.float32(0.01), indices, keys)
+
+
+def _bytes(compiled):
+  m = compiled.memory_analysis()
+  return m.temp_size_in_bytes + m.argument_size_in_bytes
+
+
+def exact_memory(step, args, n):
+  theta, target, images, labels, lr, indices, keys = args
+  matcher = TrajectoryMatcher(step, mode="exact", learn_labels=True)
+  fwd = matcher.step.lower(theta, images, labels, lr, indices[0], keys[0]).compile()
+  acc = (images, labels, lr)
+  bwd = matcher.vjp_step.lower(theta, images, labels, lr, indices[0], keys[0], theta,
+                               acc).compile()
+  return max(_bytes(fwd), _bytes(bwd)) + (n + 1) * theta.size * 4, matcher
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--ns", default="5,10,20,40,80")
+  parser.add_argument("--max_unrolled_n", type=int, default=20)
+  parser.add_argument("--time_max_n", type=int, default=20)
+  flags = parser.parse_args()
+  print(f"jax {jax.__version__}, {platform.processor() or platform.machine()}, "
+        f"{jax.devices()[0].platform}, ConvNet-3 32x32, 100 images, DSA on")
+  print(f"{'N':>3} | {'exact GiB':>9} | {'unrolled GiB':>12} | {'exact s':>8} | "
+        f"{'unrolled s':>10} | {'unrolled compile s':>18}")
+  base = None
+  for n in [int(v) for v in flags.ns.split(",")]:
+    step, args = _setup(10, 100, 100, n)
+    mem_e, matcher = exact_memory(step, args, n)
+    base = base or {}
+    base[n] = mem_e
+    mem_u = t_u = t_c = t_e = float("nan")
+    if n <= flags.max_unrolled_n:
+      unrolled = TrajectoryMatcher(step, mode="unrolled", learn_labels=True)
+      t = time.perf_counter()
+      compiled = unrolled.unrolled.lower(*args).compile()
+      t_c = time.perf_counter() - t
+      mem_u = _bytes(compiled)
+      if n <= flags.time_max_n:
+        jax.block_until_ready(unrolled(*args))
+        t = time.perf_counter()
+        jax.block_until_ready(unrolled(*args))
+        t_u = time.perf_counter() - t
+    if n <= flags.time_max_n:
+      jax.block_until_ready(matcher(*args))
+      t = time.perf_counter()
+      jax.block_until_ready(matcher(*args))
+      t_e = time.perf_counter() - t
+    print(f"{n:>3} | {mem_e / GIB:9.3f} | {mem_u / GIB:12.3f} | {t_e:8.2f} | {t_u:10.2f} | "
+          f"{t_c:18.1f}", flush=True)
+  if 10 in base and 80 in base:
+    print(f"exact memory N=80 / N=10: {base[80] / base[10]:.3f}")
+  step, args = _setup(100, 5000, 125, 80)
+  mem, _ = exact_memory(step, args, 80)
+  print(f"exact, MTT CIFAR-100 IPC50 (N=80, batch_syn 125, 5000 images, 100 classes): "
+        f"{mem / GIB:.3f} GiB")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,95 @@
+"""Trajectory matching: exact == unrolled autodiff (f32 and f64, with DSA); tesla == its formula."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+
+from dd_tiny_model import tiny_model
+from kd_jax.data.dsa import diff_augment
+from kd_jax.dataset_distill.matching import (TrajectoryMatcher, make_inner_step, minibatch_plan,
+                                             parameter_distance_loss)
+from kd_jax.train_step import cross_entropy
+
+NUM_STEPS, NUM_IMAGES, BATCH_SYN = 2, 4, 2
+
+
+def _problem(dtype, augment):
+  apply_fn, params = tiny_model(jax.random.key(0), dtype=dtype)
+  theta0, unravel = ravel_pytree(params)
+  k = jax.random.split(jax.random.key(1), 4)
+  images = jax.random.normal(k[0], (NUM_IMAGES, 8, 8, 1), dtype)
+  label_logits = jax.random.normal(k[1], (NUM_IMAGES, 3), dtype)
+  target = theta0 + 0.05 * jax.random.normal(k[2], theta0.shape, dtype)
+  indices = minibatch_plan(np.random.default_rng(0), NUM_IMAGES, BATCH_SYN, NUM_STEPS)
+  keys = jax.random.split(k[3], NUM_STEPS)
+  step = make_inner_step(apply_fn, unravel, label_kind="logits", augment=augment)
+  lr = jnp.asarray(0.3, dtype)  # large α·H so that the Hessian terms matter
+  return step, (theta0, target, images, label_logits, lr, indices, keys), (apply_fn, unravel)
+
+
+def _rel(a, b):
+  return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+
+
+def _dsa(x, key):
+  return diff_augment(x, key, strategy="color_crop_cutout_flip_scale_rotate")
+
+
+@pytest.mark.parametrize("dtype_name,tol", [("float32", 1e-4), ("float64", 1e-9)])
+def test_exact_equals_unrolled_with_dsa(dtype_name, tol):
+  with jax.enable_x64(dtype_name == "float64"):
+    dtype = jnp.dtype(dtype_name)
+    step, args, _ = _problem(dtype, _dsa)
+    loss_e, exact = TrajectoryMatcher(step, mode="exact", learn_labels=True)(*args)
+    loss_u, unrolled = TrajectoryMatcher(step, mode="unrolled", learn_labels=True)(*args)
+    assert exact.images.dtype == dtype
+    np.testing.assert_allclose(loss_e, loss_u, rtol=tol)
+    for name in ("images", "labels", "lr"):
+      assert _rel(getattr(exact, name), getattr(unrolled, name)) <= tol, name
+      assert float(jnp.linalg.norm(getattr(exact, name))) > 0, name
+
+
+def test_tesla_matches_its_formula():
+  """TESLA: ∂L/∂(X, Y, α) ≈ Σ_i ∂/∂(X, Y, α) ⟨θ_i − α g_i(θ_i; X, Y), λ_N⟩ with θ_i held fixed,
+  λ_N = 2(θ_N − θ*)/‖θ_0 − θ*‖². Written here from the per-step gradients g_i directly."""
+  flip = lambda x, key: diff_augment(x, key, strategy="flip")
+  step, args, (apply_fn, unravel) = _problem(jnp.float32, flip)
+  theta0, target, images, label_logits, lr, indices, keys = args
+  loss, tesla = TrajectoryMatcher(step, mode="tesla", learn_labels=True)(*args)
+
+  def g(theta, x, y, i):  # the CE gradient of inner step i, from scratch
+    def ce(t):
+      xb = flip(x[indices[i]], keys[i])
+      logits = apply_fn({"params": unravel(t)}, xb, train=False)[0].logits
+      return jnp.mean(cross_entropy(logits, jax.nn.softmax(y[indices[i]])))
+    return jax.grad(ce)(theta)
+
+  thetas = [theta0]
+  for i in range(NUM_STEPS):
+    thetas.append(thetas[-1] - lr * g(thetas[-1], images, label_logits, i))
+  lam = 2 * (thetas[-1] - target) / jnp.sum((theta0 - target) ** 2)
+  np.testing.assert_allclose(loss, parameter_distance_loss(thetas[-1], theta0, target), rtol=1e-5)
+
+  def surrogate(x, y, a):
+    return sum(jnp.vdot(-a * g(thetas[i], x, y, i), lam) for i in range(NUM_STEPS))
+
+  want = jax.grad(surrogate, argnums=(0, 1, 2))(images, label_logits, lr)
+  for name, w in zip(("images", "labels", "lr"), want):
+    assert _rel(getattr(tesla, name), w) <= 1e-4, name
+
+
+def test_minibatch_plan_is_chunked_permutations():
+  plan = minibatch_plan(np.random.default_rng(0), 6, 2, 7)
+  assert plan.shape == (7, 2)
+  np.testing.assert_array_equal(np.sort(plan[:3].ravel()), np.arange(6))
+  np.testing.assert_array_equal(np.sort(plan[3:6].ravel()), np.arange(6))
+  with pytest.raises(ValueError, match="batch_syn"):
+    minibatch_plan(np.random.default_rng(0), 6, 4, 2)
+
+
+def test_bad_mode_and_stateful_model_raise():
+  with pytest.raises(ValueError, match="mode"):
+    TrajectoryMatcher(lambda *a: None, mode="approx")
+  with pytest.raises(ValueError, match="label_kind"):
+    make_inner_step(None, None, label_kind="onehot")
