@@ -32,6 +32,11 @@ def flatten_examples(x: jax.Array) -> jax.Array:
   return x.reshape(x.shape[0], -1)
 
 
+def flatten_hw(x: jax.Array) -> jax.Array:
+  """`[B, H, W, C]` → `[B, H·W, C]`."""
+  return x.reshape(x.shape[0], -1, x.shape[-1])
+
+
 def l2_normalize(x: jax.Array, axis=-1, eps: float = NORMALIZE_EPS) -> jax.Array:
   """`x / max(‖x‖₂, eps)` along `axis` (torch `F.normalize`)."""
   norm = safe_norm(x, axis=axis, keepdims=True)
@@ -174,11 +179,6 @@ def fsp_matrix(first: jax.Array, second: jax.Array) -> jax.Array:
   return jnp.einsum("bxi,bxj->bij", flatten_hw(first), flatten_hw(second)) / hw
 
 
-def flatten_hw(x: jax.Array) -> jax.Array:
-  """`[B, H, W, C]` → `[B, H·W, C]`."""
-  return x.reshape(x.shape[0], -1, x.shape[-1])
-
-
 def fsp(student_first: jax.Array, student_second: jax.Array, teacher_first: jax.Array,
         teacher_second: jax.Array) -> jax.Array:
   """FSP loss between flow matrices of two layers.
@@ -264,7 +264,7 @@ def vid(student_mean: jax.Array, student_variance: jax.Array, teacher_features: 
   variance = as_float32(student_variance)
   diff = as_float32(student_mean) - teacher_float32(teacher_features)
   nll = 0.5 * (jnp.square(diff) / variance + jnp.log(variance))
-  return _mean_over_example(jnp.broadcast_to(nll, diff.shape))
+  return _mean_over_example(nll)
 
 
 def _pool_to_common_size(student: jax.Array, teacher: jax.Array):
