@@ -36,8 +36,8 @@ _MODELS: dict[str, Callable[..., nn.Module]] = {
     "convnet": ConvNet,
     "mlp": MLP,
     "vit_tiny": ViT,
-    "digits_cnn_teacher": _p(DigitsCNN, widths=(32, 64)),
-    "digits_cnn_student": _p(DigitsCNN, widths=(16, 32)),
+    "digits_cnn_teacher": _p(DigitsCNN, widths=(32, 64), pools=(False, True)),
+    "digits_cnn_student": _p(DigitsCNN, widths=(16, 32), pools=(True, True)),
 }
 
 

@@ -56,7 +56,8 @@ class EncoderBlock(nn.Module):
 
 
 class ViT(nn.Module):
-  """ViT on `patch_size` patches (inputs' H and W must be multiples of it).
+  """ViT on `patch_size` patches (inputs' H and W must be multiples of it). The position
+  embeddings are sized at init, so apply it to inputs of the size it was initialised on.
 
   Attributes:
     num_classes: logits size.

@@ -80,10 +80,12 @@ def _batch_stats_change(old, new):
              zip(jax.tree.leaves(old["batch_stats"]), jax.tree.leaves(new["batch_stats"])))
 
 
-@pytest.mark.parametrize("name", ["resnet8", "digits_cnn_teacher"])
-def test_train_mode_updates_batch_stats_and_eval_mode_does_not(name, key):
-  model = create_model(name, num_classes=10)
-  shape = _input_shape(name)
+@pytest.mark.parametrize("name, kwargs, shape", [
+    ("resnet8", {}, (2, 32, 32, 3)),
+    ("convnet", {"norm": "batchnorm", "depth": 2, "width": 8}, (2, 8, 8, 1)),
+])
+def test_train_mode_updates_batch_stats_and_eval_mode_does_not(name, kwargs, shape, key):
+  model = create_model(name, num_classes=10, **kwargs)
   params, state = init_model(model, key, shape)
   apply_fn = jax.jit(make_apply_fn(model), static_argnames="train")
   x = jax.random.normal(jax.random.key(1), shape) + 1.0
