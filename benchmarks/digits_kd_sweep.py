@@ -6,6 +6,7 @@ Trains on train[:1100], evaluates on train[1100:], for 3 seeds: the teacher and 
 label-only baseline once per seed, then the KD student for each (temperature, alpha).
 Prints the mean validation accuracy of each setting.
 """
+import ast
 import itertools
 import os
 import sys
@@ -22,6 +23,8 @@ _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds.")
 _TEMPERATURES = flags.DEFINE_list("temperatures", ["2", "4", "8"], "KD temperatures.")
 _ALPHAS = flags.DEFINE_list("alphas", ["0.5", "0.9"], "KD weights.")
 _EPOCHS = flags.DEFINE_integer("epochs", 30, "Student epochs.")
+_OVERRIDES = flags.DEFINE_multi_string(
+    "override", [], "Config override KEY=PYTHON_LITERAL, e.g. student.model_kwargs.widths=(8,16).")
 
 
 def main(_):
@@ -33,6 +36,13 @@ def main(_):
     config = digits_kd.get_config(f"validate,seed={seed}")
     with config.unlocked():
       config.student.num_epochs = _EPOCHS.value
+      for item in _OVERRIDES.value:
+        key, _, value = item.partition("=")
+        *groups, leaf = key.split(".")
+        node = config
+        for group in groups:
+          node = node[group]
+        node[leaf] = ast.literal_eval(value)
     rows = {r["stage"]: r["accuracy"] for r in kd_job.run(config, base_dir)}
     acc.setdefault("teacher", []).append(rows["teacher"])
     acc.setdefault("baseline", []).append(rows["student_baseline"])
@@ -45,7 +55,7 @@ def main(_):
       acc.setdefault(f"kd T={t} alpha={a}", []).append(rows[-1]["accuracy"])
       print(f"seed {seed} T={t} alpha={a}: {100 * rows[-1]['accuracy']:.2f}", flush=True)
   print(f"\nvalidation accuracy (train[1100:]), mean ± std over seeds {_SEEDS.value}, "
-        f"student epochs {_EPOCHS.value}")
+        f"student epochs {_EPOCHS.value}, overrides {_OVERRIDES.value}")
   for name, values in acc.items():
     print(f"{name:<24} {100 * np.mean(values):6.2f} ± {100 * np.std(values):.2f}   "
           f"{[round(100 * v, 2) for v in values]}")

@@ -42,11 +42,13 @@ def kd_config() -> ml_collections.ConfigDict:
 
   c.teacher = ml_collections.ConfigDict()
   c.teacher.model = ""
+  c.teacher.model_kwargs = ml_collections.ConfigDict()  # extra create_model arguments
   c.teacher.num_epochs = 1
   c.teacher.checkpoint = ""     # a trained teacher's checkpoint dir: skips teacher training
 
   c.student = ml_collections.ConfigDict()
   c.student.model = ""
+  c.student.model_kwargs = ml_collections.ConfigDict()
   c.student.num_epochs = 1
   c.student.baseline = True     # also train the label-only baseline student
 

@@ -14,16 +14,18 @@ import jax.numpy as jnp
 from kd_jax import checkpoint, data, models, optim, precision, trainer
 from kd_jax.train_step import make_kd_objective
 
-def _build(model_name: str, field: str, num_classes: int, dtype, image_shape, rng):
+def _build(model_name: str, model_kwargs: dict, field: str, num_classes: int, dtype, image_shape,
+           rng):
   """Creates a model; returns (apply_fn, variables, metadata)."""
   if not model_name:
     raise ValueError(f"{field} is empty; choose one of: {', '.join(models.list_models())}")
   try:
-    module = models.create_model(model_name, num_classes=num_classes, dtype=dtype)
-  except ValueError as e:
+    module = models.create_model(model_name, num_classes=num_classes, dtype=dtype, **model_kwargs)
+  except (ValueError, TypeError) as e:
     raise ValueError(f"{field}: {e}") from None
   params, model_state = models.init_model(module, rng, (1, *image_shape))
-  metadata = {"model": model_name, "num_classes": num_classes, "image_shape": list(image_shape)}
+  metadata = {"model": model_name, "model_kwargs": model_kwargs, "num_classes": num_classes,
+              "image_shape": list(image_shape)}
   return models.make_apply_fn(module), {"params": params, **model_state}, metadata
 
 
@@ -94,9 +96,9 @@ def run(config, workdir: str) -> list[dict]:
 
   rng_teacher, rng_student = jax.random.split(jax.random.PRNGKey(config.seed))
   teacher_apply, teacher_vars, teacher_meta = _build(
-      config.teacher.model, "teacher.model", info.num_classes, dtype, image_shape, rng_teacher)
+      config.teacher.model, config.teacher.model_kwargs.to_dict(), "teacher.model", info.num_classes, dtype, image_shape, rng_teacher)
   student_apply, student_vars, student_meta = _build(
-      config.student.model, "student.model", info.num_classes, dtype, image_shape, rng_student)
+      config.student.model, config.student.model_kwargs.to_dict(), "student.model", info.num_classes, dtype, image_shape, rng_student)
   kd_objective = make_kd_objective(
       config.distill.loss, alpha=config.distill.alpha, loss_hparams=config.distill.hparams.to_dict(),
       student_feature=config.distill.student_feature or None,
