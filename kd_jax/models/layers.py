@@ -27,7 +27,11 @@ def conv(features: int, kernel: int, stride: int = 1, *, dtype: Dtype, groups: i
 
 
 def batch_norm(*, train: bool, dtype: Dtype, name: str | None = None) -> nn.BatchNorm:
-  """PyTorch-equivalent BatchNorm (running stats in `batch_stats`, momentum 0.9, eps 1e-5)."""
+  """PyTorch's BatchNorm2d defaults: running stats in `batch_stats`, momentum 0.9, eps 1e-5.
+
+  One difference: the running variance averages the biased batch variance (PyTorch uses
+  the unbiased one, larger by n / (n − 1) for n values per channel).
+  """
   return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
                       dtype=dtype, name=name)
 

@@ -40,7 +40,8 @@ class CifarResNet(nn.Module):
   Attributes:
     num_classes: logits size.
     depth: 6n + 2 (8, 14, 20, 32, 44, 56, 110).
-    widths: `(stem, stage1, stage2, stage3)` channels; `(16, 16, 32, 64)` or `(32, 64, 128, 256)` for ×4.
+    widths: `(stem, stage1, stage2, stage3)` channels: `(16, 16, 32, 64)`, or
+      `(32, 64, 128, 256)` for the ×4 models.
     dtype: compute dtype; params stay float32 and logits are returned in float32.
 
   Features: `"stem"` (after conv-BN-ReLU), `"stage{k}"` `[B, H/2^(k-1), W/2^(k-1), widths[k]]` for
@@ -55,9 +56,11 @@ class CifarResNet(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> ModelOutput:
     if self.depth < 8 or (self.depth - 2) % 6:
-      raise ValueError(f"CifarResNet depth must be 6n+2 with n >= 1 (8, 14, 20, ...), got {self.depth}.")
+      raise ValueError("CifarResNet depth must be 6n+2 with n >= 1 (8, 14, 20, ...), "
+                       f"got {self.depth}.")
     if len(self.widths) != 4:
-      raise ValueError(f"CifarResNet widths must have 4 entries (stem, stage1..3), got {self.widths}.")
+      raise ValueError("CifarResNet widths must have 4 entries (stem, stage1..3), "
+                       f"got {self.widths}.")
     n = (self.depth - 2) // 6
     x = conv(self.widths[0], 3, dtype=self.dtype, name="conv1")(x.astype(self.dtype))
     x = nn.relu(batch_norm(train=train, dtype=self.dtype, name="bn1")(x))

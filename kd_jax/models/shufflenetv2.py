@@ -1,4 +1,4 @@
-"""ShuffleNetV2 for CIFAR as used in KD (RepDistiller's `ShuffleV2`: net size 1, widths 116/232/464).
+"""ShuffleNetV2 for CIFAR as used in KD (RepDistiller's `ShuffleV2`: widths 116/232/464).
 
 conv1×1(24)-BN-ReLU, three stages each of one stride-2 down block and 3/7/3 basic blocks
 (split channels in half, run 1×1-BN-ReLU, depthwise 3×3-BN, 1×1-BN-ReLU on the second half,

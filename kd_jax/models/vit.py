@@ -19,7 +19,10 @@ from kd_jax.models.output import ModelOutput
 
 
 class SelfAttention(nn.Module):
-  """Multi-head self-attention. Returns `(out [B, T, D], probs [B, h, T, T], values [B, h, T, D/h])`."""
+  """Multi-head self-attention.
+
+  Returns `(out [B, T, D], probs [B, h, T, T], values [B, h, T, D/h])`.
+  """
   num_heads: int
   dtype: Any
 
@@ -97,7 +100,8 @@ class ViT(nn.Module):
                 name="patch_embed")(x.astype(self.dtype))
     grid = x.shape[1:3]
     x = x.reshape(x.shape[0], -1, self.hidden_dim)
-    x = x + self.param("pos_embed", nn.initializers.normal(0.02), (1,) + x.shape[1:]).astype(self.dtype)
+    pos_embed = self.param("pos_embed", nn.initializers.normal(0.02), (1,) + x.shape[1:])
+    x = x + pos_embed.astype(self.dtype)
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
     features = {}
     for i in range(self.depth):

@@ -53,7 +53,8 @@ class WideResNet(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> ModelOutput:
     if self.depth < 10 or (self.depth - 4) % 6:
-      raise ValueError(f"WideResNet depth must be 6n+4 with n >= 1 (10, 16, 40, ...), got {self.depth}.")
+      raise ValueError("WideResNet depth must be 6n+4 with n >= 1 (10, 16, 40, ...), "
+                       f"got {self.depth}.")
     n = (self.depth - 4) // 6
     x = conv(16, 3, dtype=self.dtype, name="conv1")(x.astype(self.dtype))
     features = {"stem": x}

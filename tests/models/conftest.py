@@ -5,5 +5,5 @@ import pytest
 
 @pytest.fixture
 def key():
-  """A PRNG key. The "rbg" implementation compiles model init ~3x faster than threefry on XLA:CPU."""
+  """A PRNG key; the "rbg" implementation compiles model init ~3x faster than threefry on CPU."""
   return jax.random.key(0, impl="rbg")

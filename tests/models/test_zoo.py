@@ -94,17 +94,20 @@ def test_train_mode_updates_batch_stats_and_eval_mode_does_not(name, kwargs, sha
   eval_out, eval_state = apply_fn(variables, x, train=False)
   assert _batch_stats_change(state, train_state) > 1e-3
   assert _batch_stats_change(state, eval_state) == 0.0
-  assert bool(jnp.all(jnp.isfinite(train_out.logits))) and bool(jnp.all(jnp.isfinite(eval_out.logits)))
+  assert bool(jnp.all(jnp.isfinite(train_out.logits)))
+  assert bool(jnp.all(jnp.isfinite(eval_out.logits)))
   # Batch statistics differ from the fresh running ones, so the two modes disagree.
   assert not jnp.allclose(train_out.logits, eval_out.logits)
 
 
-@pytest.mark.parametrize("name, kwargs", [("resnet8", {}), ("shufflenetv2", {"num_blocks": (1, 1, 1)})])
+@pytest.mark.parametrize("name, kwargs", [("resnet8", {}),
+                                          ("shufflenetv2", {"num_blocks": (1, 1, 1)})])
 def test_post_activation_taps_are_relu_of_preact_taps(name, kwargs, key):
   model = create_model(name, num_classes=10, **kwargs)
   params, state = init_model(model, key, (2, 16, 16, 3))
+  x = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
   out, _ = jax.jit(make_apply_fn(model), static_argnames="train")(
-      {"params": params, **state}, jax.random.normal(jax.random.key(1), (2, 16, 16, 3)), train=False)
+      {"params": params, **state}, x, train=False)
   for k in (1, 2, 3):
     post, pre = out.features[f"stage{k}"], out.features[f"stage{k}_preact"]
     if name == "shufflenetv2":  # the reference's preact tap is taken before the channel shuffle
