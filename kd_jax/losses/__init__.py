@@ -17,9 +17,10 @@ from kd_jax.losses.meal import MealV2Discriminator, meal_v2_discriminator_loss
 # --- features / relations / attention / cka ---
 from kd_jax.losses.attention import attention_kl, minilm, self_relation_kl, value_relation_kl
 from kd_jax.losses.cka import cka_loss, linear_cka, rbf_cka
-from kd_jax.losses.features import (adaptive_pool2d, attention_transfer, factor_transfer, fitnet,
-                                    fsp, fsp_matrix, hierarchical_context, nst, ofd, ofd_margin,
-                                    vid)
+from kd_jax.losses.features import (activation_boundary, adaptive_pool2d, affinity,
+                                    attention_transfer, factor_transfer, fitnet, fsp, fsp_matrix,
+                                    hierarchical_context, inter_channel_correlation, nst, ofd,
+                                    ofd_margin, prime_aware_l2, vid)
 from kd_jax.losses.modules import (AttentionFusion, CRDEmbed, CRDMemory, HintRegressor,
                                    Paraphraser, Translator, VIDRegressor, crd_contrast_indices,
                                    init_crd_memory)

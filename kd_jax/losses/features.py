@@ -407,6 +407,135 @@ def hierarchical_context(student_features: jax.Array, teacher_features: jax.Arra
   return loss / total_weight
 
 
+def activation_boundary(student_features: jax.Array, teacher_features: jax.Array, *,
+                        margin: float = 1.0) -> jax.Array:
+  """Distillation of activation boundaries (AB/DAB): a hinge on the teacher's on/off pattern.
+
+  ℓ_b = Σ_{h,w,c} (s + μ)²·1[s > −μ, t ≤ 0] + (s − μ)²·1[s ≤ μ, t > 0], μ the margin;
+  `student_features` is the connector output (`modules.HintRegressor(C_t, kernel_size=1,
+  use_relu=False)`), both taken before their ReLU.
+
+  Heo et al., "Knowledge Transfer via Distillation of Activation Boundaries Formed by Hidden
+  Neurons", AAAI 2019. Reference: torchdistill `AltActTransferLoss(reduction='mean')` (its
+  sample config and the paper use margin 1).
+
+  Args:
+    student_features: `[B, ...]`.
+    teacher_features: `[B, ...]` same shape.
+    margin: μ ≥ 0.
+  Returns:
+    `[B]` float32.
+
+  >>> float(activation_boundary(jnp.array([[2., -2.]]), jnp.array([[1., -1.]]))[0])
+  0.0
+  """
+  if margin < 0:
+    raise ValueError(f"activation_boundary: margin must be >= 0, got {margin}")
+  _check_same_shape("activation_boundary", student_features, teacher_features)
+  s = as_float32(student_features)
+  t = teacher_float32(teacher_features)
+  loss = (jnp.where((s > -margin) & (t <= 0), jnp.square(s + margin), 0.0) +
+          jnp.where((s <= margin) & (t > 0), jnp.square(s - margin), 0.0))
+  return jnp.sum(flatten_examples(loss), axis=1)
+
+
+def prime_aware_l2(student_features: jax.Array, student_log_variance: jax.Array,
+                   teacher_features: jax.Array, *, eps: float = 1e-6) -> jax.Array:
+  """Prime-aware adaptive distillation (PAD) with an L2 loss weighted by learned variances.
+
+  ℓ_b = mean_d [(t_bd − s_bd)² / (ε + exp(v_bd)) + v_bd], v the predicted log-variances
+  (`modules.HintRegressor(D, use_relu=False)` on the student embedding, torchdistill's
+  `VarianceBranch4PAD`).
+
+  Zhang et al., "Prime-Aware Adaptive Distillation", ECCV 2020. Reference: torchdistill
+  `PADL2Loss(eps=1e-6, reduction='mean')`.
+
+  Args:
+    student_features: `[B, ...]` student embedding.
+    student_log_variance: `[B, D]` log-variances, D the flattened width.
+    teacher_features: `[B, ...]` same shape as the student's.
+    eps: > 0.
+  Returns:
+    `[B]` float32.
+
+  >>> float(prime_aware_l2(jnp.ones((1, 2)), jnp.zeros((1, 2)), jnp.ones((1, 2)))[0])
+  0.0
+  """
+  if eps <= 0:
+    raise ValueError(f"prime_aware_l2: eps must be > 0, got {eps}")
+  _check_same_shape("prime_aware_l2", student_features, teacher_features)
+  s = flatten_examples(as_float32(student_features))
+  t = flatten_examples(teacher_float32(teacher_features))
+  v = as_float32(student_log_variance)
+  if v.shape != s.shape:
+    raise ValueError(f"prime_aware_l2: student_log_variance must have shape {s.shape}, got {v.shape}")
+  return jnp.mean(jnp.square(t - s) / (eps + jnp.exp(v)) + v, axis=1)
+
+
+def inter_channel_correlation(student_features: jax.Array, teacher_features: jax.Array) -> jax.Array:
+  """Inter-channel correlation (ICKD): match row-normalised channel Gram matrices.
+
+  G = row_normalize(F Fᵀ) with F the `[C, H·W]` map of one example;
+  ℓ_b = ‖G_s − G_t‖²_F / C. torchdistill's `ChSimLoss` value is `mean_b ℓ_b / B` (it divides
+  the batch sum by C·B²); here the extra 1/B is left out so that the value does not depend on
+  the batch size: multiply by 1/B to reproduce it.
+
+  Liu et al., "Exploring Inter-Channel Correlation for Diversity-Preserved Knowledge
+  Distillation", ICCV 2021. Reference: torchdistill `ChSimLoss` with `ChannelSimilarityEmbed`
+  (= `modules.HintRegressor(C_t, kernel_size=3, use_bias=False, use_relu=False)`).
+
+  Args:
+    student_features: `[B, H, W, C]` embedded student map.
+    teacher_features: `[B, H, W, C]`.
+  Returns:
+    `[B]` float32.
+
+  >>> x = jnp.arange(24.).reshape(1, 2, 3, 4)
+  >>> float(inter_channel_correlation(x, 2 * x)[0])
+  0.0
+  """
+  _check_nhwc("inter_channel_correlation", student_features)
+  _check_same_shape("inter_channel_correlation", student_features, teacher_features)
+
+  def gram(x):
+    x = flatten_hw(x)
+    return l2_normalize(jnp.einsum("bxi,bxj->bij", x, x), axis=2)
+
+  diff = gram(as_float32(student_features)) - gram(teacher_float32(teacher_features))
+  return jnp.sum(jnp.square(diff), axis=(1, 2)) / student_features.shape[-1]
+
+
+def affinity(student_features: jax.Array, teacher_features: jax.Array) -> jax.Array:
+  """KTA affinity distillation: compare each channel's spatial self-affinity.
+
+  With u_c the unit-normalised `[H·W]` map of channel c:
+  ℓ_b = Σ_c ‖u_c u_cᵀ − v_c v_cᵀ‖_F / (H·W), evaluated as √(‖u‖⁴ + ‖v‖⁴ − 2⟨u, v⟩²) / (H·W),
+  so memory stays O(B·C·H·W) instead of the (H·W)² affinity matrices.
+
+  He et al., "Knowledge Adaptation for Efficient Semantic Segmentation", CVPR 2019.
+  Reference: torchdistill `AffinityLoss(reduction='mean')`.
+
+  Args:
+    student_features: `[B, H, W, C]` (the student's affinity adapter output).
+    teacher_features: `[B, H, W, C]` (the teacher paraphraser's encoder output).
+  Returns:
+    `[B]` float32.
+
+  >>> x = jnp.arange(1., 25.).reshape(1, 2, 3, 4)
+  >>> abs(float(affinity(x, 3 * x)[0])) < 1e-3
+  True
+  """
+  _check_nhwc("affinity", student_features)
+  _check_same_shape("affinity", student_features, teacher_features)
+  u = l2_normalize(flatten_hw(as_float32(student_features)), axis=1)
+  v = l2_normalize(flatten_hw(teacher_float32(teacher_features)), axis=1)
+  uu, vv, uv = (jnp.sum(a * b, axis=1) for a, b in ((u, u), (v, v), (u, v)))
+  squared = jnp.maximum(jnp.square(uu) + jnp.square(vv) - 2 * jnp.square(uv), 0.0)
+  positive = squared > 0
+  norms = jnp.where(positive, jnp.sqrt(jnp.where(positive, squared, 1.0)), 0.0)
+  return jnp.sum(norms, axis=1) / u.shape[1]
+
+
 _TD = "torchdistill 1.1.5 losses.mid_level."
 register("fitnet", fitnet, inputs=("student_features", "teacher_features"), per_example=True,
          kind="features", paper="Romero et al., FitNets, ICLR 2015",
@@ -432,3 +561,16 @@ register("ofd", ofd, inputs=("student_features", "teacher_features"), per_exampl
 register("reviewkd_hcl", hierarchical_context, inputs=("student_features", "teacher_features"),
          per_example=True, kind="features", paper="Chen et al., Knowledge Review, CVPR 2021",
          reference=_TD + "HierarchicalContextLoss + models.wrapper.AttentionBasedFusion")
+register("ab", activation_boundary, inputs=("student_features", "teacher_features"),
+         per_example=True, kind="features",
+         paper="Heo et al., Activation Boundaries, AAAI 2019", reference=_TD + "AltActTransferLoss")
+register("pad_l2", prime_aware_l2,
+         inputs=("student_features", "student_log_variance", "teacher_features"),
+         per_example=True, kind="features", paper="Zhang et al., PAD, ECCV 2020",
+         reference=_TD + "PADL2Loss + models.wrapper.VarianceBranch4PAD")
+register("ickd", inter_channel_correlation, inputs=("student_features", "teacher_features"),
+         per_example=True, kind="features", paper="Liu et al., ICKD, ICCV 2021",
+         reference=_TD + "ChSimLoss (without its extra 1/B)")
+register("kta_affinity", affinity, inputs=("student_features", "teacher_features"),
+         per_example=True, kind="features", paper="He et al., KTA, CVPR 2019",
+         reference=_TD + "AffinityLoss")

@@ -111,6 +111,16 @@ def test_ofd_matches_clovaai_formula():
   assert_close(values.mean(), ref("ofd/value"), tol=1e-4 * float(ref("ofd/value")))
 
 
+def test_ab_ickd_affinity_pad_match_torchdistill():
+  s, t = ref("ab/student"), ref("ab/teacher")
+  assert_close(F.activation_boundary(s, t).mean(), ref("ab/value"))
+  # torchdistill's ChSimLoss divides by the batch size once more.
+  assert_close(F.inter_channel_correlation(s, t).mean() / s.shape[0], ref("ickd/value"))
+  assert_close(F.affinity(s, t).mean(), ref("affinity/value"))
+  values = F.prime_aware_l2(ref("pad_l2/student"), ref("pad_l2/log_variance"), ref("pad_l2/teacher"))
+  assert_close(values.mean(), ref("pad_l2/value"))
+
+
 # --- identities.
 
 def test_zero_at_identity_and_invariances():
@@ -119,7 +129,9 @@ def test_zero_at_identity_and_invariances():
   for values in (F.fitnet(x, x), F.attention_transfer(x, 3.0 * x),
                  F.attention_transfer(x, x, mode="paper"), F.factor_transfer(x, 2.0 * x),
                  F.factor_transfer(x, x, p=3), F.nst(x, x), F.hierarchical_context(x, x),
-                 F.fsp(x, x, x, x), F.ofd(positive, positive, margin=-jnp.ones(5))):
+                 F.fsp(x, x, x, x), F.ofd(positive, positive, margin=-jnp.ones(5)),
+                 F.inter_channel_correlation(x, 2.0 * x), F.affinity(x, 0.5 * x),
+                 F.activation_boundary(2 * jnp.sign(x), x)):
     assert values.shape == (3,)
     assert_close(values, jnp.zeros(3), tol=1e-6)
   # VID's NLL is minimised by the teacher mean; variance 1 gives 0.
@@ -153,6 +165,10 @@ PER_EXAMPLE = {
     "fsp": lambda s, t: F.fsp(s, s ** 2, t, t ** 2),
     "ofd": lambda s, t: F.ofd(s, t, margin=-0.5 * jnp.ones(3)),
     "vid": lambda s, t: F.vid(s, 1.5 * jnp.ones(3), t),
+    "ab": lambda s, t: F.activation_boundary(s, t),
+    "ickd": lambda s, t: F.inter_channel_correlation(s, t),
+    "affinity": lambda s, t: F.affinity(s, t),
+    "pad_l2": lambda s, t: F.prime_aware_l2(s, 0.1 * jnp.ones((2, 48)), t),
 }
 
 
@@ -180,6 +196,9 @@ def test_gradients_teacher_stop_and_dtypes(name):
     (lambda x: F.fitnet(x, x[..., :2]), "student shape"),
     (lambda x: F.attention_transfer(x, x[:, :2]), "spatial"),
     (lambda x: F.adaptive_pool2d(x, (2, 2), reduce="sum"), "reduce"),
+    (lambda x: F.activation_boundary(x, x, margin=-1.0), "margin must be >= 0"),
+    (lambda x: F.prime_aware_l2(x, jnp.ones((2, 3)), x), "student_log_variance"),
+    (lambda x: F.prime_aware_l2(x, x, x, eps=0.0), "eps must be > 0"),
 ])
 def test_invalid_arguments_raise(call, match):
   with pytest.raises(ValueError, match=match):
@@ -235,6 +254,7 @@ def test_attention_fusion_chain_shapes():
 
 
 def test_registered_feature_losses_metadata():
-  for name in ("fitnet", "at", "fsp", "ft", "vid", "nst", "ofd", "reviewkd_hcl"):
+  for name in ("fitnet", "at", "fsp", "ft", "vid", "nst", "ofd", "reviewkd_hcl", "ab", "pad_l2",
+               "ickd", "kta_affinity"):
     spec = losses.get_loss(name)
     assert spec.kind == "features" and spec.per_example and spec.reference

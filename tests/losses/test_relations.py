@@ -199,6 +199,7 @@ def _inputs(name):
   return {
       "fsp": (fmap_s, fmap_s ** 2, fmap_t, fmap_t ** 2),
       "vid": (fmap_s, jnp.ones(3), fmap_t),
+      "pad_l2": (fmap_s, jnp.zeros((4, 48)), fmap_t),
       "ofd": (fmap_s, fmap_t),
       "crd": (s, t, memory, indices, contrast),
       "minilm_attention": (scores_s, scores_t, tokens),
@@ -208,9 +209,9 @@ def _inputs(name):
   }.get(name, (fmap_s, fmap_t))
 
 
-FAMILY = ("at", "cc", "cka", "crd", "fitnet", "fsp", "ft", "minilm", "minilm_attention",
-          "minilm_value_relation", "minilmv2_relation", "nst", "ofd", "pkt", "reviewkd_hcl", "rkd",
-          "rkd_angle", "rkd_distance", "sp", "vid")
+FAMILY = ("ab", "at", "cc", "cka", "crd", "fitnet", "fsp", "ft", "ickd", "kta_affinity", "minilm",
+          "minilm_attention", "minilm_value_relation", "minilmv2_relation", "nst", "ofd",
+          "pad_l2", "pkt", "reviewkd_hcl", "rkd", "rkd_angle", "rkd_distance", "sp", "vid")
 HPARAMS = {"ofd": {"margin": -jnp.ones(3)}, "minilmv2_relation": {"num_relation_heads": 2}}
 
 
