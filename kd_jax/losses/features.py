@@ -3,8 +3,9 @@
 Feature maps are NHWC `[B, H, W, C]` (or `[B, D]` where noted). Every loss computes in
 float32, stops gradients on its teacher inputs and returns `[B]`; reduce with
 `kd_jax.losses.masked_mean`, whose batch mean equals the reference's scalar.
-Losses with learnable parts (FitNet, FT, VID, ReviewKD) take those parts' outputs; the
-parts themselves are Flax modules in `kd_jax.losses.modules`.
+Losses with learnable parts (FitNet, OFD, AB, FT, VID, PAD, ICKD, ReviewKD) take those
+parts' outputs; the parts themselves are Flax modules in `kd_jax.losses.modules`. Where the
+reference sums several layer pairs with weights, call the loss once per pair and add.
 """
 import math
 
