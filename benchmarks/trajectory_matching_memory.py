@@ -14,6 +14,7 @@ Last, the exact mode's memory at MTT's CIFAR-100 IPC 50 setting (N = 80, 5,000 i
 batch_syn 125, 100 classes), from memory analysis only.
 """
 import argparse
+import os
 import platform
 import time
 
@@ -48,14 +49,21 @@ def _bytes(compiled):
   return m.temp_size_in_bytes + m.argument_size_in_bytes
 
 
-def exact_memory(step, args, n):
-  theta, target, images, labels, lr, indices, keys = args
-  matcher = TrajectoryMatcher(step, mode="exact", learn_labels=True)
+def exact_memory(matcher, args, n):
+  """Peak bytes of the exact mode at N = n: its larger per-step function plus θ_0..θ_N."""
+  theta, _, images, labels, lr, indices, keys = args
   fwd = matcher.step.lower(theta, images, labels, lr, indices[0], keys[0]).compile()
-  acc = (images, labels, lr)
+  acc = {"images": images, "labels": labels, "lr": lr}
   bwd = matcher.vjp_step.lower(theta, images, labels, lr, indices[0], keys[0], theta,
                                acc).compile()
-  return max(_bytes(fwd), _bytes(bwd)) + (n + 1) * theta.size * 4, matcher
+  return max(_bytes(fwd), _bytes(bwd)) + (n + 1) * theta.size * 4
+
+
+def _time(fn):
+  jax.block_until_ready(fn())  # warm-up (compiles on first use)
+  t = time.perf_counter()
+  jax.block_until_ready(fn())
+  return time.perf_counter() - t
 
 
 def main():
@@ -64,39 +72,33 @@ def main():
   parser.add_argument("--max_unrolled_n", type=int, default=20)
   parser.add_argument("--time_max_n", type=int, default=20)
   flags = parser.parse_args()
-  print(f"jax {jax.__version__}, {platform.processor() or platform.machine()}, "
-        f"{jax.devices()[0].platform}, ConvNet-3 32x32, 100 images, DSA on")
+  ns = [int(v) for v in flags.ns.split(",")]
+  print(f"jax {jax.__version__}, {platform.machine()}, {os.cpu_count()} CPUs, "
+        f"{jax.devices()[0].platform}; ConvNet-3 32x32, 100 images, batch_syn 100, DSA on")
   print(f"{'N':>3} | {'exact GiB':>9} | {'unrolled GiB':>12} | {'exact s':>8} | "
         f"{'unrolled s':>10} | {'unrolled compile s':>18}")
-  base = None
-  for n in [int(v) for v in flags.ns.split(",")]:
-    step, args = _setup(10, 100, 100, n)
-    mem_e, matcher = exact_memory(step, args, n)
-    base = base or {}
-    base[n] = mem_e
+  step, args = _setup(10, 100, 100, max(ns))
+  exact = TrajectoryMatcher(step, mode="exact", learn_labels=True)
+  unrolled = TrajectoryMatcher(step, mode="unrolled", learn_labels=True)
+  memory = {}
+  for n in ns:
+    args_n = (*args[:5], args[5][:n], args[6][:n])
+    memory[n] = exact_memory(exact, args_n, n)
     mem_u = t_u = t_c = t_e = float("nan")
     if n <= flags.max_unrolled_n:
-      unrolled = TrajectoryMatcher(step, mode="unrolled", learn_labels=True)
       t = time.perf_counter()
-      compiled = unrolled.unrolled.lower(*args).compile()
+      mem_u = _bytes(unrolled.unrolled.lower(*args_n).compile())
       t_c = time.perf_counter() - t
-      mem_u = _bytes(compiled)
       if n <= flags.time_max_n:
-        jax.block_until_ready(unrolled(*args))
-        t = time.perf_counter()
-        jax.block_until_ready(unrolled(*args))
-        t_u = time.perf_counter() - t
+        t_u = _time(lambda: unrolled(*args_n))
     if n <= flags.time_max_n:
-      jax.block_until_ready(matcher(*args))
-      t = time.perf_counter()
-      jax.block_until_ready(matcher(*args))
-      t_e = time.perf_counter() - t
-    print(f"{n:>3} | {mem_e / GIB:9.3f} | {mem_u / GIB:12.3f} | {t_e:8.2f} | {t_u:10.2f} | "
+      t_e = _time(lambda: exact(*args_n))
+    print(f"{n:>3} | {memory[n] / GIB:9.3f} | {mem_u / GIB:12.3f} | {t_e:8.2f} | {t_u:10.2f} | "
           f"{t_c:18.1f}", flush=True)
-  if 10 in base and 80 in base:
-    print(f"exact memory N=80 / N=10: {base[80] / base[10]:.3f}")
+  if 10 in memory and 80 in memory:
+    print(f"exact memory N=80 / N=10: {memory[80] / memory[10]:.3f}")
   step, args = _setup(100, 5000, 125, 80)
-  mem, _ = exact_memory(step, args, 80)
+  mem = exact_memory(TrajectoryMatcher(step, mode="exact", learn_labels=True), args, 80)
   print(f"exact, MTT CIFAR-100 IPC50 (N=80, batch_syn 125, 5000 images, 100 classes): "
         f"{mem / GIB:.3f} GiB")
 

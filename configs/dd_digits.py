@@ -51,7 +51,8 @@ def get_config(arg=None):
   c.experts.update(num_experts=10, epochs=20, lr=0.01, batch_size=64, directory=args.experts)
   ipc = 1 if args.ipc1 else 50 if args.ipc50 else 10
   c.distill.update(ipc=ipc, iterations=200, syn_steps=20, expert_epochs=2, lr_img=100.0,
-                   lr_lr=1e-5, lr_init=0.01, max_start_epoch=10, current_max_start_epoch=10)
+                   lr_lr=1e-5, lr_init=0.01, max_start_epoch=10, current_max_start_epoch=10,
+                   batch_syn=100 if ipc == 50 else 0)  # IPC 50: minibatches, as MTT's batch_syn
   c.eval.update(num_nets=5, epochs=300, every=100, curve_nets=3, full_data_epochs=100)
   if args.runlocal:
     c.experts.update(num_experts=2, epochs=3)

@@ -63,7 +63,8 @@ def make_inner_step(apply_fn, unravel: Callable, *, label_kind: str = "hard",
   The step's arguments: theta `[P]`; images `[S, H, W, C]`; labels `[S]` int or `[S, C]`;
   lr scalar α; indices `[batch_syn]` int; key a PRNG key fixing this step's augmentation.
   """
-  label_targets(jnp.zeros((1, 1)), label_kind)  # validates label_kind
+  if label_kind not in LABEL_KINDS:
+    raise ValueError(f"label_kind must be one of {LABEL_KINDS}, got {label_kind!r}")
   loss_and_grads = make_loss_and_grads(apply_fn, None, make_kd_objective(None))
 
   def step(theta, images, labels, lr, indices, key):
@@ -108,29 +109,28 @@ class TrajectoryMatcher:
     self.unrolled = jax.jit(self._unrolled)
     self.loss_and_cotangent = jax.jit(jax.value_and_grad(parameter_distance_loss))
 
-  def _diff_args(self, labels, lr):
-    return (labels, lr) if self.learn_labels else (lr,)
+  def _learnable(self, images, labels, lr) -> dict:
+    return {"images": images, "lr": lr, **({"labels": labels} if self.learn_labels else {})}
+
+  def _step_of(self, labels, indices, key):
+    """The step as a function of (theta, learnable dict)."""
+    return lambda theta, v: self._step_fn(theta, v["images"], v.get("labels", labels), v["lr"],
+                                          indices, key)
 
   def _vjp_step(self, theta, images, labels, lr, indices, key, cotangent, acc):
-    """One backward step: returns (λ_i, acc + ∂⟨θ_{i+1}, λ_{i+1}⟩/∂(images, [labels,] lr))."""
-    if self.learn_labels:
-      fn = lambda t, x, y, a: self._step_fn(t, x, y, a, indices, key)
-      _, vjp = jax.vjp(fn, theta, images, labels, lr)
-    else:
-      fn = lambda t, x, a: self._step_fn(t, x, labels, a, indices, key)
-      _, vjp = jax.vjp(fn, theta, images, lr)
-    lam, *grads = vjp(cotangent)
-    return lam, jax.tree.map(jnp.add, acc, tuple(grads))
+    """One backward step: (λ_i, acc + ∂⟨θ_{i+1}, λ_{i+1}⟩/∂(images, [labels,] lr))."""
+    _, vjp = jax.vjp(self._step_of(labels, indices, key), theta,
+                     self._learnable(images, labels, lr))
+    lam, grads = vjp(cotangent)
+    return lam, jax.tree.map(jnp.add, acc, grads)
 
   def _unrolled(self, theta_start, theta_target, images, labels, lr, indices, keys):
-    def loss_fn(images, *diff):
-      ys, a = (diff if self.learn_labels else (labels, diff[0]))
+    def loss_fn(learnable):
       theta = theta_start
       for i in range(indices.shape[0]):
-        theta = self._step_fn(theta, images, ys, a, indices[i], keys[i])
+        theta = self._step_of(labels, indices[i], keys[i])(theta, learnable)
       return parameter_distance_loss(theta, theta_start, theta_target)
-    return jax.value_and_grad(loss_fn, argnums=tuple(range(len(self._diff_args(labels, lr)) + 1))
-                              )(images, *self._diff_args(labels, lr))
+    return jax.value_and_grad(loss_fn)(self._learnable(images, labels, lr))
 
   def forward(self, theta_start, images, labels, lr, indices, keys) -> list[jax.Array]:
     """θ_0..θ_N, each `[P]`: the only state the exact backward pass keeps."""
@@ -150,15 +150,13 @@ class TrajectoryMatcher:
       thetas = self.forward(theta_start, images, labels, lr, indices, keys)
       loss, lam_n = self.loss_and_cotangent(thetas[-1], theta_start, theta_target)
       lam = lam_n
-      acc = tuple(jnp.zeros_like(a) for a in (images, *self._diff_args(labels, lr)))
+      grads = jax.tree.map(jnp.zeros_like, self._learnable(images, labels, lr))
       for i in reversed(range(indices.shape[0])):
-        lam_i, acc = self.vjp_step(thetas[i], images, labels, lr, indices[i], keys[i],
-                                   lam if self.mode == "exact" else lam_n, acc)
-        lam = lam_i
+        lam, grads = self.vjp_step(thetas[i], images, labels, lr, indices[i], keys[i],
+                                   lam if self.mode == "exact" else lam_n, grads)
         thetas[i + 1] = None  # θ_{i+1} is no longer needed
-      grads = acc
-    labels_grad = grads[1] if self.learn_labels else None
-    return loss, SyntheticGrads(images=grads[0], labels=labels_grad, lr=grads[-1])
+    return loss, SyntheticGrads(images=grads["images"], labels=grads.get("labels"),
+                                lr=grads["lr"])
 
 
 def minibatch_plan(rng: np.random.Generator, num_synthetic: int, batch_syn: int,

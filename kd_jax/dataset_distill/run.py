@@ -21,6 +21,7 @@ Outputs in workdir: experts/ (buffer), distilled.npz + distilled.json, zca.npz (
 synthetic_images.png, accuracy_curve.png, results.json.
 """
 import json
+import os
 import time
 from pathlib import Path
 
@@ -165,7 +166,8 @@ def run(config, workdir) -> dict:
                  label_logits=np.asarray(result.labels) if d.label_kind == "logits" else None)
   display = final_images
   if zca is not None:
-    np.savez(workdir / "zca.npz", mean=zca.mean, whiten=zca.whiten, unwhiten=zca.unwhiten)
+    np.savez(workdir / "zca.tmp.npz", mean=zca.mean, whiten=zca.whiten, unwhiten=zca.unwhiten)
+    os.replace(workdir / "zca.tmp.npz", workdir / "zca.npz")
     display = zca_inverse(zca, final_images)
   plots.save_image_grid(workdir / "synthetic_images.png", display, num_classes=num_classes,
                         ipc=d.ipc)

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kd_jax.data.dsa import FAMILIES, DSAParams, diff_augment
+from kd_jax.data.dsa import DSAParams, diff_augment
 from kd_jax.data.zca import fit_zca, zca_apply, zca_inverse
 
 IMAGES = jax.random.normal(jax.random.key(0), (5, 8, 8, 3))
@@ -15,9 +15,8 @@ def test_same_key_same_augmentation_for_every_family():
   key = jax.random.key(7)
   np.testing.assert_array_equal(aug(IMAGES, key), aug(IMAGES, key))
   assert not np.allclose(aug(IMAGES, key), aug(IMAGES, jax.random.key(8)))
-  for family in FAMILIES:  # the single-family path is deterministic too
-    a = diff_augment(IMAGES, key, strategy=family)
-    np.testing.assert_array_equal(a, diff_augment(IMAGES, key, strategy=family))
+  single = jax.jit(lambda x, k: diff_augment(x, k))  # one family drawn from the key
+  np.testing.assert_array_equal(single(IMAGES, key), single(IMAGES, key))
 
 
 def test_siamese_same_params_for_different_images():
