@@ -12,7 +12,6 @@ from kd_jax import kd_job, models
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_NAMES = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))
                       if not p.endswith("common.py"))
-KD_CIFAR = [n for n in CONFIG_NAMES if n.startswith("cifar100_")]
 
 
 @pytest.mark.parametrize("name", CONFIG_NAMES)
@@ -25,9 +24,9 @@ def test_config_loads_locked_with_documented_command(name):
     config.no_such_field = 1
 
 
-@pytest.mark.parametrize("name", KD_CIFAR)
-def test_cifar100_recipe_matches_repdistiller(name):
-  config = importlib.import_module(f"configs.{name}").get_config()
+@pytest.mark.parametrize("teacher,student", importlib.import_module("configs.cifar100_kd").PAIRS)
+def test_cifar100_recipe_matches_repdistiller(teacher, student):
+  config = importlib.import_module("configs.cifar100_kd").get_config(f"teacher={teacher},student={student}")
   assert (config.teacher.num_epochs, config.student.num_epochs) == (240, 240)
   assert tuple(config.optim.decay_epochs) == (150, 180, 210) and config.optim.decay_rate == 0.1
   assert config.data.batch_size == 64 and config.optim.weight_decay == 5e-4
@@ -45,7 +44,8 @@ def test_parse_arg_rejects_unknown_names():
 
 @pytest.mark.slow  # resnet56 + resnet20 compiles take minutes on 2 cores
 def test_cifar100_runlocal_runs_on_mock_data(tmp_path):
-  config = importlib.import_module("configs.cifar100_resnet56_resnet20").get_config("runlocal")
+  config = importlib.import_module("configs.cifar100_kd").get_config(
+      "teacher=resnet56,student=resnet20,runlocal")
   with config.unlocked():
     config.update_from_flattened_dict({"data.train_split": "train[:32]", "data.eval_split": "test[:16]",
                                        "data.batch_size": 8, "data.eval_batch_size": 16,
