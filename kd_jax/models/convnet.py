@@ -33,7 +33,8 @@ class ConvNet(nn.Module):
     dtype: compute dtype; params stay float32 and logits are returned in float32.
 
   Features: `"stage{d}"` `[B, H/2^d, W/2^d, width]` after block d (1-based), and
-  `"pre_logits"` `[B, H·W·width / 4^depth]`, the flattened last map.
+  `"pre_logits"` `[B, H·W·width / 4^depth]`, the last map flattened in (H, W, C) order
+  (PyTorch flattens (C, H, W); mind this when porting MTT head weights).
   """
   num_classes: int
   depth: int = 3

@@ -1,11 +1,13 @@
 """The two small CNNs of the default 8×8 digits job (DESIGN.md §9).
 
 conv3×3-ReLU layers, each optionally followed by a 2×2 max pool, then a linear head on
-the flattened last map; no normalisation, so no model state. Measured here on the embedded
-digits (1,300 train / 497 test, SGD 0.05 momentum 0.9, weight decay 5e-4, cosine decay,
-±1-pixel shifts, batch 64, 30 epochs, 3 seeds): `digits_cnn_teacher` (32 channels at 8×8,
-64 channels, pool; 4×4×64 → head) 98.9%, `digits_cnn_student` (16 channels, pool,
-32 channels, pool; 2×2×32 → head) 97.1%.
+the flattened last map; no normalisation, so no model state.
+
+`digits_cnn_teacher`: 32 channels at 8×8, 64 channels, pool; 4×4×64 → head.
+`digits_cnn_student`: 16 channels, pool, 32 channels, pool; 2×2×32 → head.
+Measured here on sklearn's digits (a random 1,300 train / 497 test split, pixels / 16,
+SGD 0.05 momentum 0.9, weight decay 5e-4, cosine decay, ±1-pixel shifts, batch 64,
+30 epochs, 8 seeds): teacher 98.6% (98.0–99.2), student 97.5% (96.6–98.0).
 """
 from typing import Any, Sequence
 
