@@ -134,7 +134,7 @@ def build_torch(threads: int):
       opt.zero_grad(set_to_none=True)
       loss.backward()
       opt.step()
-    return None, float(loss)
+    return None, loss.item()
 
   def to_torch(batches):
     return [{"image_nchw": torch.from_numpy(b["image"].transpose(0, 3, 1, 2).copy()),
@@ -278,15 +278,20 @@ def main():
   jax_state, _ = jax_run(jax_state, jax_batches[:1])  # warm-up (first call, allocations)
   torch_run(None, torch_batches[:1])
 
-  jax_s, torch_s = [], []
+  # Wall and process CPU seconds (all threads) per step. On a loaded machine the CPU time is
+  # the steadier figure: it does not count time spent waiting for a core.
+  jax_s, torch_s, jax_cpu, torch_cpu = [], [], [], []
   for _ in range(args.rounds):
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     jax_state, _ = jax_run(jax_state, jax_batches)
     jax_s.append((time.perf_counter() - t0) / args.steps)
-    t0 = time.perf_counter()
+    jax_cpu.append((time.process_time() - c0) / args.steps)
+    t0, c0 = time.perf_counter(), time.process_time()
     torch_run(None, torch_batches)
     torch_s.append((time.perf_counter() - t0) / args.steps)
+    torch_cpu.append((time.process_time() - c0) / args.steps)
   ratios = np.asarray(torch_s) / np.asarray(jax_s)
+  cpu_ratios = np.asarray(torch_cpu) / np.asarray(jax_cpu)
   result = {
       "precision": args.precision, "xla_flags": os.environ.get("XLA_FLAGS", ""),
       "threads": args.threads, "cpu_count": os.cpu_count(),
@@ -298,6 +303,10 @@ def main():
       "torch_images_per_s_median": round(BATCH / float(np.median(torch_s)), 1),
       "speedup_jax_over_torch_per_round": [round(x, 3) for x in ratios],
       "speedup_median": round(float(np.median(ratios)), 3),
+      "jax_cpu_s_per_step": [round(x, 3) for x in jax_cpu],
+      "torch_cpu_s_per_step": [round(x, 3) for x in torch_cpu],
+      "cpu_time_speedup_per_round": [round(x, 3) for x in cpu_ratios],
+      "cpu_time_speedup_median": round(float(np.median(cpu_ratios)), 3),
       "torch_params_student_teacher": torch_params,
   }
   if args.profile:
