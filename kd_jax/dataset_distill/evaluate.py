@@ -34,7 +34,9 @@ def train_networks(apply_fn, init_params: Callable, images, labels, *, num_nets:
   """Trains `num_nets` fresh networks on (images, labels); returns their params stacked `[K, ...]`.
 
   labels: `[S]` class ids or `[S, C]` probabilities. Network k starts from
-  `init_params(fold_in(key(seed), k))` and shuffles with `default_rng([seed, k])`.
+  `init_params(fold_in(key(seed), k))` and shuffles with `default_rng([seed, k])`; the
+  augmentation key of step t, `fold_in(key(seed + 1), t)`, is shared by the K networks (they
+  still see different images at each step).
   """
   if num_nets < 1 or epochs < 1:
     raise ValueError(f"need num_nets >= 1 and epochs >= 1, got {num_nets}, {epochs}")
@@ -50,20 +52,24 @@ def train_networks(apply_fn, init_params: Callable, images, labels, *, num_nets:
   def plans():  # per epoch, per network: list of (indices, mask)
     return [list(epoch_batches(rng, len(images), batch_size)) for rng in rngs]
 
+  step_key = lambda t: jax.random.fold_in(jax.random.key(seed + 1), t)
   if vectorize:
-    vstep = jax.jit(jax.vmap(step, in_axes=(0, None, None, 0, 0, 0)), donate_argnums=0)
+    vstep = jax.jit(jax.vmap(step, in_axes=(0, None, None, 0, 0, None)), donate_argnums=0)
     state = jax.vmap(create)(jnp.stack(keys))
+    t = 0
     for _ in range(epochs):
       for batches in zip(*plans()):
         idx, mask = (np.stack(a) for a in zip(*batches))
-        state = vstep(state, images, labels, idx, mask, jnp.stack(keys))
+        state = vstep(state, images, labels, idx, mask, step_key(t))
+        t += 1
     return state.params
   jstep = jax.jit(step, donate_argnums=0)
   states = [create(key) for key in keys]
-  for _ in range(epochs):
+  for epoch in range(epochs):
     for k, batches in enumerate(plans()):
-      for idx, mask in batches:
-        states[k] = jstep(states[k], images, labels, idx, mask, keys[k])
+      for j, (idx, mask) in enumerate(batches):
+        states[k] = jstep(states[k], images, labels, idx, mask,
+                          step_key(epoch * len(batches) + j))
   return jax.tree.map(lambda *p: jnp.stack(p), *[s.params for s in states])
 
 

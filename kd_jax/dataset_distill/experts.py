@@ -69,15 +69,17 @@ def make_indexed_train_step(apply_fn, tx: optax.GradientTransformation,
   """Returns `step(state, images, labels, indices, mask, key) -> state`, not jitted.
 
   The standard `make_train_step` with plain CE (labels may be class ids or probabilities) on
-  the batch `images[indices]`, augmented by `augment(x, fold_in(key, state.step))`. Images stay
-  on the device; only indices travel.
+  the batch `augment(images[indices], key)`. Images stay on the device; only indices travel.
+  The caller draws a fresh `key` per step; under `jax.vmap` over networks pass one shared key
+  so that DSA's family choice stays a real branch (a batched key turns `lax.switch` into
+  computing every family).
   """
   train_step = make_train_step(apply_fn, None, make_kd_objective(None), tx)
 
   def step(state, images, labels, indices, mask, key):
     x = images[indices]
     if augment is not None:
-      x = augment(x, jax.random.fold_in(key, state.step))
+      x = augment(x, key)
     batch = {"image": x, "label": labels[indices], "mask": mask}
     return train_step(state, None, batch, key)[0]
 
@@ -99,9 +101,11 @@ def train_expert(apply_fn, init_params: Callable, images: np.ndarray, labels: np
   rng = np.random.default_rng(seed)
   key = jax.random.key(seed + 1)
   trajectory = [np.asarray(ravel_pytree(state.params)[0], np.float32)]
+  t = 0
   for _ in range(epochs):
     for idx, mask in epoch_batches(rng, images.shape[0], batch_size):
-      state = step(state, images, labels, idx, mask, key)
+      state = step(state, images, labels, idx, mask, jax.random.fold_in(key, t))
+      t += 1
     trajectory.append(np.asarray(ravel_pytree(state.params)[0], np.float32))
   return np.stack(trajectory)
 
