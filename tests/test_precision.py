@@ -36,7 +36,7 @@ def test_bf16_student_trains_with_f32_master_params_and_loss():
   # alpha=0.1 so the (untrained) teacher's KD term flows through the bf16 path without
   # dominating the label signal.
   objective = make_kd_objective("kd", alpha=0.1, loss_hparams={"temperature": 4.0})
-  tx = optax.sgd(0.05, momentum=0.9)
+  tx = optax.sgd(0.1, momentum=0.9)
   step = jax.jit(make_train_step(student_apply, teacher_apply, objective, tx), donate_argnums=0)
   eval_step = jax.jit(make_eval_step(student_apply))
   teacher_vars = {"params": t_params, **t_state}
@@ -53,7 +53,7 @@ def test_bf16_student_trains_with_f32_master_params_and_loss():
   accuracy_before = accuracy(state)
   rs = np.random.RandomState(0)
   losses = []
-  for _ in range(2):  # epochs
+  for _ in range(3):  # epochs
     for idx in np.array_split(rs.permutation(len(train_x)), len(train_x) // 64):
       state, metrics = step(state, teacher_vars, {"image": train_x[idx], "label": train_y[idx]},
                             jax.random.PRNGKey(0))
