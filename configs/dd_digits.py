@@ -54,7 +54,8 @@ def get_config(arg=None):
                    lr_lr=1e-5, lr_init=0.01, max_start_epoch=10, current_max_start_epoch=10,
                    batch_syn=100 if ipc == 50 else 0)  # IPC 50: minibatches, as MTT's batch_syn
   c.eval.update(num_nets=5, epochs=300, every=100, curve_nets=3, full_data_epochs=100)
-  if args.runlocal:
+  if args.runlocal:  # no DSA: its six branches dominate compile time
+    c.dsa.enabled = False
     c.experts.update(num_experts=2, epochs=3)
     c.distill.update(iterations=3, syn_steps=3, max_start_epoch=1, current_max_start_epoch=1)
     c.eval.update(num_nets=2, epochs=3, every=2, curve_nets=2, full_data_epochs=2)
