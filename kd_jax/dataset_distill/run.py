@@ -40,6 +40,7 @@ from kd_jax.dataset_distill.distill import MatchingConfig, SyntheticSet, distill
 from kd_jax.dataset_distill.distilled_set import save_distilled
 from kd_jax.dataset_distill.evaluate import evaluate_set
 from kd_jax.dataset_distill.experts import atomic_write_json, train_experts
+from kd_jax.dataset_distill.matching import label_targets
 from kd_jax.dataset_distill.synthetic import init_images, init_labels, select_real
 from kd_jax.models import create_model, init_model, make_apply_fn
 
@@ -115,8 +116,7 @@ def run(config, workdir) -> dict:
 
   eval_kwargs = dict(epochs=config.eval.epochs, batch_size=config.eval.batch_size,
                      seed=config.seed + 1000, augment=augment, vectorize=config.eval.vectorize)
-  targets = lambda s: np.asarray(jax.nn.softmax(s.labels) if s.label_kind == "logits"
-                                 else s.labels)
+  targets = lambda s: np.asarray(label_targets(s.labels, s.label_kind))
   evaluate = lambda x, y, lr, nets, **kw: evaluate_set(
       apply_fn, init_params, x, y, test_x, test_y, num_nets=nets, lr=lr, **{**eval_kwargs, **kw})
 
