@@ -2,7 +2,7 @@
 
     python benchmarks/digits_kd_sweep.py --workdir=/tmp/digits_sweep
 
-Trains on train[:1100], evaluates on train[1100:], for 3 seeds: the teacher and the
+Trains on train[:1000], evaluates on train[1000:], for 3 seeds: the teacher and the
 label-only baseline once per seed, then the KD student for each (temperature, alpha).
 Prints the mean validation accuracy of each setting.
 """
@@ -54,7 +54,7 @@ def main(_):
       rows = kd_job.run(config, os.path.join(base_dir, f"kd_T{t}_a{a}"))
       acc.setdefault(f"kd T={t} alpha={a}", []).append(rows[-1]["accuracy"])
       print(f"seed {seed} T={t} alpha={a}: {100 * rows[-1]['accuracy']:.2f}", flush=True)
-  print(f"\nvalidation accuracy (train[1100:]), mean ± std over seeds {_SEEDS.value}, "
+  print(f"\nvalidation accuracy (train[1000:]), mean ± std over seeds {_SEEDS.value}, "
         f"student epochs {_EPOCHS.value}, overrides {_OVERRIDES.value}")
   for name, values in acc.items():
     print(f"{name:<24} {100 * np.mean(values):6.2f} ± {100 * np.std(values):.2f}   "

@@ -75,8 +75,11 @@ def run(config, workdir: str) -> list[dict]:
         train_source, batch_size=batch_size, seed=seed, start_step=start, augment=augment,
         mean=info.mean, std=info.std, process_index=jax.process_index(), process_count=jax.process_count())
 
+  # Rounded up to whole batch shards; the extra rows are padding with mask 0.
+  eval_batch_size = -(-config.data.eval_batch_size // jax.device_count()) * jax.device_count()
+
   def eval_batches():
-    return data.eval_batches(eval_source, batch_size=config.data.eval_batch_size,
+    return data.eval_batches(eval_source, batch_size=eval_batch_size,
                              mean=info.mean, std=info.std, process_index=jax.process_index(), process_count=jax.process_count())
 
   def make_tx(num_epochs):
@@ -115,7 +118,7 @@ def run(config, workdir: str) -> list[dict]:
   results = []
 
   def finish(name, apply_fn, variables, meta):
-    metrics = trainer.evaluate(apply_fn, variables, eval_batches())
+    metrics = trainer.evaluate(apply_fn, variables, eval_batches(), options.mesh_axes)
     results.append({"stage": name, "model": meta["model"],
                     "params": models.count_params(variables["params"]), **metrics})
 

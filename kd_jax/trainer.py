@@ -53,12 +53,18 @@ class LoopOptions:
   mesh_rules: tuple = ()              # parameter-sharding regex table (FSDP etc.)
 
 
-def evaluate(apply_fn: ApplyFn, variables, batches: Iterable[dict], eval_step=None) -> dict:
-  """Exact accuracy and mean loss over `batches` (padding masked out)."""
-  eval_step = eval_step or jax.jit(make_eval_step(apply_fn))
+def evaluate(apply_fn: ApplyFn, variables, batches: Iterable[dict],
+             mesh_axes: tuple = (("data", -1),)) -> dict:
+  """Exact accuracy and mean loss over `batches` (padding masked out).
+
+  Each host passes its own rows; batches are sharded over the mesh like training batches,
+  so their size must be a multiple of the batch shards per host.
+  """
+  mesh = sharding.make_mesh(mesh_axes)
+  eval_step = jax.jit(make_eval_step(apply_fn))
   totals = None
   for batch in batches:
-    sums = eval_step(variables, batch)
+    sums = eval_step(variables, sharding.shard_batch(batch, mesh))
     totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
   totals = jax.device_get(totals)
   count = max(float(totals["eval/count"]), 1.0)
