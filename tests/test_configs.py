@@ -42,7 +42,6 @@ def test_parse_arg_rejects_unknown_names():
     common.parse_arg("fast", runlocal=False, seed=0)
 
 
-@pytest.mark.slow  # resnet56 + resnet20 compiles take minutes on 2 cores
 def test_cifar100_runlocal_runs_on_mock_data(tmp_path):
   config = importlib.import_module("configs.cifar100_kd").get_config(
       "teacher=resnet56,student=resnet20,runlocal")
