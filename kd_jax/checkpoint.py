@@ -5,6 +5,7 @@ shape, kd_jax version). Restoring checks the metadata against what the run expec
 and says what does not match. Orbax writes each step to a temporary directory and
 renames it when complete, so a killed run never leaves a half-written latest step.
 """
+import json
 import os
 from typing import Any
 
@@ -15,6 +16,14 @@ import kd_jax
 
 # Metadata fields that must match between a checkpoint and the run restoring it.
 _MATCHED_FIELDS = ("model", "num_classes", "image_shape")
+
+
+def atomic_write_json(path, data) -> None:
+  """Writes `data` as JSON to a temporary name, then renames it over `path`."""
+  path = os.fspath(path)
+  with open(f"{path}.tmp", "w") as f:
+    json.dump(data, f, indent=2, sort_keys=True)
+  os.replace(f"{path}.tmp", path)
 
 
 class CheckpointError(ValueError):

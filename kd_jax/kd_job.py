@@ -5,7 +5,6 @@ split, writes `results.json` and returns the rows of the comparison table. Every
 resumes from its own checkpoints, so rerunning with the same workdir continues where a
 killed run stopped, and a finished teacher is restored, not retrained.
 """
-import json
 import os
 
 import jax
@@ -144,15 +143,8 @@ def run(config, workdir: str) -> list[dict]:
       teacher_apply_fn=teacher_apply, teacher_variables=teacher_vars), workdir, student_batches,
       options)
   finish("student_kd", student_apply, kd_vars, student_meta)
-  _write_json_atomic(os.path.join(workdir, "results.json"), results)
+  checkpoint.atomic_write_json(os.path.join(workdir, "results.json"), results)
   return results
-
-
-def _write_json_atomic(path: str, obj) -> None:
-  tmp = f"{path}.tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2)
-  os.replace(tmp, path)
 
 
 def format_table(rows: list[dict]) -> str:

@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 
 import kd_jax
-from kd_jax.dataset_distill.experts import atomic_write_json, check_metadata
+from kd_jax.checkpoint import atomic_write_json
+from kd_jax.dataset_distill.experts import check_metadata
 
 ARRAYS = "distilled.npz"
 METADATA = "distilled.json"

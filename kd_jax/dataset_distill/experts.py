@@ -22,6 +22,7 @@ import optax
 from jax.flatten_util import ravel_pytree
 
 import kd_jax
+from kd_jax.checkpoint import atomic_write_json
 from kd_jax.train_step import TrainState, make_kd_objective, make_train_step
 
 TRAJECTORIES = "trajectories.npy"
@@ -33,12 +34,6 @@ def atomic_save_npy(path: Path, array: np.ndarray) -> None:
   """`np.save` to a temporary name in the same folder, then rename."""
   tmp = path.with_name(path.name + ".tmp.npy")
   np.save(tmp, np.asarray(array), allow_pickle=False)
-  os.replace(tmp, path)
-
-
-def atomic_write_json(path: Path, data: dict) -> None:
-  tmp = path.with_name(path.name + ".tmp")
-  tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
   os.replace(tmp, path)
 
 

@@ -39,7 +39,8 @@ from kd_jax.dataset_distill.datm import StartWindow
 from kd_jax.dataset_distill.distill import MatchingConfig, SyntheticSet, distill
 from kd_jax.dataset_distill.distilled_set import save_distilled
 from kd_jax.dataset_distill.evaluate import evaluate_set
-from kd_jax.dataset_distill.experts import atomic_write_json, train_experts
+from kd_jax.checkpoint import atomic_write_json
+from kd_jax.dataset_distill.experts import train_experts
 from kd_jax.dataset_distill.matching import label_targets
 from kd_jax.dataset_distill.synthetic import init_images, init_labels, select_real
 from kd_jax.models import create_model, init_model, make_apply_fn
