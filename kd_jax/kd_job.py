@@ -143,7 +143,8 @@ def run(config, workdir: str) -> list[dict]:
       teacher_apply_fn=teacher_apply, teacher_variables=teacher_vars), workdir, student_batches,
       options)
   finish("student_kd", student_apply, kd_vars, student_meta)
-  checkpoint.atomic_write_json(os.path.join(workdir, "results.json"), results)
+  if jax.process_index() == 0:
+    checkpoint.atomic_write_json(os.path.join(workdir, "results.json"), results)
   return results
 
 

@@ -33,8 +33,9 @@ def main(argv):
                                     None if config.mesh.get("process_id", -1) < 0
                                     else config.mesh.process_id)
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=2))
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
   logging.info("config:\n%s", config)
   if config.job == "kd":
     from kd_jax import kd_job  # pylint: disable=g-import-not-at-top

@@ -19,9 +19,13 @@ class MetricWriter:
     directory: the stage directory; files go to `directory/metrics.jsonl` and
       `directory/tensorboard/`.
     tensorboard: whether to write event files (tensorboardX; no TensorFlow needed).
+    enabled: False makes every call a no-op (all hosts but the first, in multi-host runs).
   """
 
-  def __init__(self, directory: str, *, tensorboard: bool = True):
+  def __init__(self, directory: str, *, tensorboard: bool = True, enabled: bool = True):
+    self._enabled = enabled
+    if not enabled:
+      return
     os.makedirs(directory, exist_ok=True)
     self._jsonl = open(os.path.join(directory, "metrics.jsonl"), "a")
     self._tb = None
@@ -30,6 +34,8 @@ class MetricWriter:
       self._tb = SummaryWriter(os.path.join(directory, "tensorboard"))
 
   def write(self, step: int, metrics: dict) -> None:
+    if not self._enabled:
+      return
     scalars = {k: float(v) for k, v in metrics.items()}
     self._jsonl.write(json.dumps({"step": int(step), **scalars}) + "\n")
     self._jsonl.flush()
@@ -39,6 +45,8 @@ class MetricWriter:
       self._tb.flush()
 
   def close(self) -> None:
+    if not self._enabled:
+      return
     self._jsonl.close()
     if self._tb is not None:
       self._tb.close()

@@ -105,7 +105,8 @@ def train(stage: Stage, workdir: str, train_batches: Callable[[int], Iterator[di
     state = ckpt.restore(state)  # into the shardings just placed
   start = int(state.step)
   rng = jax.random.PRNGKey(options.seed)
-  writer = metrics.MetricWriter(stage_dir, tensorboard=options.tensorboard)
+  writer = metrics.MetricWriter(stage_dir, tensorboard=options.tensorboard,
+                                enabled=jax.process_index() == 0)
   pending = metrics.PendingMetrics()
   bar = metrics.progress_bar(stage.num_steps, start, stage.name)
   last_saved = start if start else None
