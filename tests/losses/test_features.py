@@ -1,6 +1,5 @@
 """Feature-map losses: torchdistill parity, identities, gradients, dtypes and modules."""
 from functools import partial
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -12,21 +11,7 @@ from kd_jax import losses
 from kd_jax.losses import features as F
 from kd_jax.losses import modules as M
 
-REF = np.load(Path(__file__).parent / "fixtures" / "features_reference.npz")
-TOL = 1e-5
-
-
-def ref(name):
-  return jnp.asarray(REF[name])
-
-
-def assert_close(actual, expected, tol=TOL):
-  np.testing.assert_allclose(np.asarray(actual), np.asarray(expected), atol=tol, rtol=tol)
-
-
-def normal(seed, shape):
-  # numpy draws: a jax.random draw compiles a new program for every shape.
-  return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
+from reference_fixtures import assert_close, normal, ref
 
 
 # --- torchdistill parity (batch mean of the per-example values equals the reference scalar).

@@ -1,5 +1,4 @@
 """Relational losses (SP, PKT, RKD, CC, CRD): parity, invariances, masks, gradients."""
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -12,21 +11,7 @@ from kd_jax.losses import modules as M
 from kd_jax.losses import relations as R
 from kd_jax.losses.features import l2_normalize
 
-REF = np.load(Path(__file__).parent / "fixtures" / "features_reference.npz")
-TOL = 1e-5
-
-
-def ref(name):
-  return jnp.asarray(REF[name])
-
-
-def assert_close(actual, expected, tol=TOL):
-  np.testing.assert_allclose(np.asarray(actual), np.asarray(expected), atol=tol, rtol=tol)
-
-
-def normal(seed, shape):
-  # numpy draws: a jax.random draw compiles a new program for every shape.
-  return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
+from reference_fixtures import assert_close, normal, ref
 
 
 SCALAR = {
