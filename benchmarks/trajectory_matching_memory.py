@@ -9,7 +9,9 @@ ConvNet-3 (width 128, instance norm) at 32×32×3, 10 classes, 100 synthetic ima
              temp + argument bytes, plus the stored θ_0..θ_N ((N + 1)·P·4 bytes);
   unrolled = temp + argument bytes of the single jitted value-and-grad through N steps.
 Unrolled compile time and memory grow with N, so it is run only up to --max_unrolled_n; the
-end-to-end gradient is timed (1 call after a warm-up) up to --time_max_n.
+end-to-end gradient is timed (1 call after a warm-up) up to --time_max_n. Then the steady-state
+time of one call of each exact-mode piece: the forward step and the backward step
+(`TrajectoryMatcher.vjp_step`, forward-over-reverse), best of 3 calls after a warm-up.
 Last, the exact mode's memory at MTT's CIFAR-100 IPC 50 setting (N = 80, 5,000 images,
 batch_syn 125, 100 classes), from memory analysis only.
 """
@@ -59,11 +61,25 @@ def exact_memory(matcher, args, n):
   return max(_bytes(fwd), _bytes(bwd)) + (n + 1) * theta.size * 4
 
 
-def _time(fn):
-  jax.block_until_ready(fn())  # warm-up (compiles on first use)
-  t = time.perf_counter()
+def _time(fn, repeats=1):
+  """Best wall time of `repeats` calls after a warm-up call (which compiles)."""
   jax.block_until_ready(fn())
-  return time.perf_counter() - t
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - t)
+  return min(times)
+
+
+def step_times(matcher, args):
+  """Seconds per steady-state call of the exact mode's forward and backward steps."""
+  theta, _, images, labels, lr, indices, keys = args
+  fwd = _time(lambda: matcher.step(theta, images, labels, lr, indices[0], keys[0]), repeats=3)
+  acc = {"images": images, "labels": labels, "lr": lr}
+  bwd = _time(lambda: matcher.vjp_step(theta, images, labels, lr, indices[0], keys[0], theta,
+                                       jax.tree.map(jnp.copy, acc)), repeats=3)
+  return fwd, bwd
 
 
 def main():
@@ -95,6 +111,8 @@ def main():
       t_e = _time(lambda: exact(*args_n))
     print(f"{n:>3} | {memory[n] / GIB:9.3f} | {mem_u / GIB:12.3f} | {t_e:8.2f} | {t_u:10.2f} | "
           f"{t_c:18.1f}", flush=True)
+  fwd, bwd = step_times(exact, args)
+  print(f"exact per call: forward step {fwd:.2f} s, backward step {bwd:.2f} s")
   if 10 in memory and 80 in memory:
     print(f"exact memory N=80 / N=10: {memory[80] / memory[10]:.3f}")
   step, args = _setup(100, 5000, 125, 80)
