@@ -1,8 +1,8 @@
 """Pure train and eval steps that combine a student, a frozen teacher and a loss.
 
 The factories return plain functions; the caller jits them (with `donate_argnums`
-and shardings). Dataset distillation differentiates through `make_loss_and_grads`
-and `sgd_update`, so there is exactly one implementation of a training step.
+and shardings). Dataset distillation differentiates through `make_loss_fn` and
+`sgd_update`, so there is exactly one implementation of a training step.
 
 Contract (DESIGN.md §2):
   apply_fn(variables, x, *, train, rngs=None) -> (ModelOutput, new_model_state)
@@ -52,17 +52,17 @@ class TrainState:
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  """Per-example softmax cross-entropy in float32.
+  """Per-example softmax cross-entropy in at least float32 (bf16 → f32; f64 stays f64).
 
   Args:
     logits: `[B, C]`.
     labels: `[B]` integer class ids, or `[B, C]` soft targets (probabilities).
   Returns:
-    `[B]` float32.
+    `[B]`.
   """
-  logits = logits.astype(jnp.float32)
+  logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
   if labels.ndim == logits.ndim:
-    return optax.softmax_cross_entropy(logits, labels.astype(jnp.float32))
+    return optax.softmax_cross_entropy(logits, labels.astype(logits.dtype))
   return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
 
 
@@ -124,13 +124,12 @@ def make_kd_objective(loss_name: str | None = "kd", *, alpha: float = 0.9,
   return objective
 
 
-def make_loss_and_grads(student_apply_fn: ApplyFn, teacher_apply_fn: ApplyFn | None,
-                        objective: Objective):
-  """Returns `loss_and_grads(params, model_state, distill_params, teacher_vars, batch, rng)`.
+def make_loss_fn(student_apply_fn: ApplyFn, teacher_apply_fn: ApplyFn | None,
+                 objective: Objective):
+  """Returns `loss_fn(trainable, model_state, teacher_vars, batch, rng) -> (loss, (metrics,
+  new_model_state))` with `trainable = {"student": params, "distill": distill_params}`.
 
-  The returned function gives `((loss, (metrics, new_model_state)), grads)` where
-  `grads = {"student": ..., "distill": ...}`. The teacher runs in eval mode under
-  `stop_gradient`; it receives no gradient.
+  The teacher runs in eval mode under `stop_gradient`; it receives no gradient.
   """
 
   def loss_fn(trainable, model_state, teacher_vars, batch, rng):
@@ -147,6 +146,18 @@ def make_loss_and_grads(student_apply_fn: ApplyFn, teacher_apply_fn: ApplyFn | N
     metrics = {**metrics, "train/loss": loss,
                "train/accuracy": masked_mean(correct, batch.get("mask"))}
     return loss, (metrics, new_model_state)
+
+  return loss_fn
+
+
+def make_loss_and_grads(student_apply_fn: ApplyFn, teacher_apply_fn: ApplyFn | None,
+                        objective: Objective):
+  """Returns `loss_and_grads(params, model_state, distill_params, teacher_vars, batch, rng)`.
+
+  The returned function gives `((loss, (metrics, new_model_state)), grads)` where
+  `grads = {"student": ..., "distill": ...}` (see `make_loss_fn`).
+  """
+  loss_fn = make_loss_fn(student_apply_fn, teacher_apply_fn, objective)
 
   def loss_and_grads(params, model_state, distill_params, teacher_vars, batch, rng):
     trainable = {"student": params, "distill": distill_params}

@@ -10,6 +10,6 @@ from kd_jax.dataset_distill.distill import MatchingConfig, SyntheticSet, distill
 from kd_jax.dataset_distill.distilled_set import load_distilled, save_distilled
 from kd_jax.dataset_distill.evaluate import evaluate_set, networks_accuracy, train_networks
 from kd_jax.dataset_distill.experts import load_buffer, train_expert, train_experts
-from kd_jax.dataset_distill.matching import (TrajectoryMatcher, make_inner_step, minibatch_plan,
+from kd_jax.dataset_distill.matching import (InnerStep, TrajectoryMatcher, make_inner_step, minibatch_plan,
                                              parameter_distance_loss)
 from kd_jax.dataset_distill.synthetic import init_images, init_labels

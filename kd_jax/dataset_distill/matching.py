@@ -25,9 +25,8 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from kd_jax.train_step import sgd_update
+from kd_jax.train_step import make_kd_objective, make_loss_fn, sgd_update
 
 MODES = ("exact", "tesla", "unrolled")
 LABEL_KINDS = ("hard", "probs", "logits")
@@ -72,8 +71,8 @@ def make_inner_step(apply_fn, unravel: Callable, *, label_kind: str = "hard",
                     augment: Callable | None = None) -> InnerStep:
   """Returns the `InnerStep` of cross-entropy SGD on synthetic minibatches.
 
-  The cross-entropy is computed in at least float32 (float64 stays float64, unlike
-  `kd_jax.train_step.cross_entropy`, so the exact gradient matches autodiff to 1e-9 in float64).
+  The loss is the KD job's training loss (`train_step.make_loss_fn` with the label-only
+  objective), so dataset distillation differentiates through the same step as training.
 
   Args:
     apply_fn: kd_jax apply function of a model without mutable state (e.g. ConvNet with
@@ -87,16 +86,15 @@ def make_inner_step(apply_fn, unravel: Callable, *, label_kind: str = "hard",
   if label_kind not in LABEL_KINDS:
     raise ValueError(f"label_kind must be one of {LABEL_KINDS}, got {label_kind!r}")
 
+  train_loss = make_loss_fn(apply_fn, None, make_kd_objective(None))
+
   def loss(theta, images, labels, indices, key):
     x = images[indices]
     if augment is not None:
       x = augment(x, key)
-    targets = label_targets(labels[indices], label_kind)
-    out, _ = apply_fn({"params": unravel(theta)}, x, train=True, rngs={"dropout": key})
-    logits = out.logits.astype(_at_least_f32(out.logits.dtype))
-    if targets.ndim == logits.ndim:
-      return jnp.mean(optax.softmax_cross_entropy(logits, targets.astype(logits.dtype)))
-    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, targets))
+    batch = {"image": x, "label": label_targets(labels[indices], label_kind)}
+    value, _ = train_loss({"student": unravel(theta), "distill": {}}, {}, None, batch, key)
+    return value
 
   return InnerStep(loss)
 

@@ -10,15 +10,16 @@ def masked_mean(values: jax.Array, mask: jax.Array | None = None) -> jax.Array:
     values: `[B, ...]` per-example (or per-token) loss values.
     mask: `[B]` or broadcastable to `values`; `None` means all entries count.
   Returns:
-    Scalar float32; 0 when the mask is empty.
+    Scalar in at least float32 (float64 stays float64); 0 when the mask is empty.
 
   >>> float(masked_mean(jnp.array([1., 2., 9.]), jnp.array([1, 1, 0])))
   1.5
   """
-  values = jnp.asarray(values, jnp.float32)
+  values = jnp.asarray(values)
+  values = values.astype(jnp.promote_types(values.dtype, jnp.float32))
   if mask is None:
     return jnp.mean(values)
-  mask = jnp.asarray(mask, jnp.float32)
+  mask = jnp.asarray(mask, values.dtype)
   mask = mask.reshape(mask.shape + (1,) * (values.ndim - mask.ndim))
   mask = jnp.broadcast_to(mask, values.shape)
   return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1.0)
