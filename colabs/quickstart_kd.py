@@ -141,12 +141,9 @@ print(spec.inputs, "|", spec.paper)
 # %%
 import ml_collections
 
-dkd_config = digits_kd.get_config(f"seed={SEED}" + (",runlocal" if SMALL else ""))
+dkd_config = config.copy_and_resolve_references()  # same data, seed and epochs as above
 with dkd_config.unlocked():
   dkd_config.update_from_flattened_dict({
-      "data.data_dir": DATA_DIR,
-      "teacher.num_epochs": EPOCHS,
-      "student.num_epochs": EPOCHS,
       "teacher.checkpoint": os.path.join(WORKDIR, "teacher", "checkpoints"),
       "student.baseline": False,
       "distill.loss": "dkd",
