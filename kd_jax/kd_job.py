@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from kd_jax import checkpoint, data, models, optim, precision, trainer
 from kd_jax.train_step import make_kd_objective
 
+
 def _build(model_name: str, model_kwargs: dict, field: str, num_classes: int, dtype, image_shape,
            rng):
   """Creates a model; returns (apply_fn, variables, metadata)."""
