@@ -22,6 +22,19 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(parsed)
 
 
+def mesh_config() -> ml_collections.ConfigDict:
+  """The `mesh` group (kd_jax.sharding): device axes, parameter rules, multi-host start-up."""
+  c = ml_collections.ConfigDict()
+  c.axes = (("data", -1),)  # -1: all remaining devices
+  c.rules = ()              # ((param-path regex, partition spec tuple), ...)
+  # Multi-host (jax.distributed); empty/0/-1 fall back to JAX_COORDINATOR_ADDRESS,
+  # JAX_NUM_PROCESSES, JAX_PROCESS_ID, and to a single process when none is set.
+  c.coordinator_address = ""
+  c.num_processes = 0
+  c.process_id = -1
+  return c
+
+
 def kd_config() -> ml_collections.ConfigDict:
   """The knowledge-distillation job: teacher → label-only baseline student → KD student."""
   c = ml_collections.ConfigDict()
@@ -70,14 +83,7 @@ def kd_config() -> ml_collections.ConfigDict:
   c.distill.student_feature = ""  # feature losses: names from ModelOutput.features
   c.distill.teacher_feature = ""
 
-  c.mesh = ml_collections.ConfigDict()
-  c.mesh.axes = (("data", -1),)  # -1: all remaining devices
-  c.mesh.rules = ()              # ((param-path regex, partition spec tuple), ...)
-  # Multi-host (jax.distributed); empty/0/-1 fall back to JAX_COORDINATOR_ADDRESS,
-  # JAX_NUM_PROCESSES, JAX_PROCESS_ID, and to a single process when none is set.
-  c.mesh.coordinator_address = ""
-  c.mesh.num_processes = 0
-  c.mesh.process_id = -1
+  c.mesh = mesh_config()
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every_steps = 500

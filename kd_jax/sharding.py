@@ -13,6 +13,8 @@ Everything runs under plain `jax.jit` with `NamedSharding`s; there is no pmap.
 * Optimizer state follows its parameter: a leaf of `opt_state` whose path ends with a
   parameter's path (and has its shape) gets that parameter's sharding.
 * Batches are sharded on their leading dimension over `data` and `fsdp` together.
+* Trajectory matching may add a `segment` axis: several (expert, start epoch) segments per
+  iteration, one per device group (`kd_jax.dataset_distill.matching`).
 """
 import os
 import re
@@ -27,6 +29,7 @@ Rules = Sequence[tuple[str, tuple]]
 
 DATA_AXIS = "data"
 FSDP_AXIS = "fsdp"
+SEGMENT_AXIS = "segment"
 BATCH_AXES = (DATA_AXIS, FSDP_AXIS)
 DEFAULT_FSDP_MIN_SIZE = 2**14  # elements; smaller leaves stay replicated
 
@@ -77,7 +80,8 @@ def _shape(leaf) -> tuple:
   return tuple(getattr(leaf, "shape", ()))
 
 
-def _axis_size(mesh: Mesh, entry) -> int:
+def axis_size(mesh: Mesh, entry) -> int:
+  """Number of devices along `entry`: an axis name, a tuple of names, or None (1)."""
   names = entry if isinstance(entry, tuple) else (entry,)
   return int(np.prod([mesh.shape[n] for n in names if n is not None]))
 
@@ -92,9 +96,9 @@ def _check_rule(mesh: Mesh, regex: str, spec: tuple, path: str, shape: tuple) ->
     if unknown:
       raise ValueError(f"mesh.rules entry ({regex!r}, {spec}) names axes {unknown} that are not "
                        f"in the mesh {dict(mesh.shape)}")
-    if dim % _axis_size(mesh, entry):
+    if dim % axis_size(mesh, entry):
       raise ValueError(f"mesh.rules entry ({regex!r}, {spec}) splits a dimension of {dim} of "
-                       f"parameter {path!r} (shape {shape}) into {_axis_size(mesh, entry)} "
+                       f"parameter {path!r} (shape {shape}) into {axis_size(mesh, entry)} "
                        "parts, which does not divide it; change the rule or the mesh")
 
 
@@ -169,13 +173,27 @@ def state_shardings(state, mesh: Mesh, rules: Rules = (), *,
       opt_state=_follow_params(state.opt_state, by_path, mesh))
 
 
+def batch_axes(mesh: Mesh) -> tuple[str, ...]:
+  """The mesh axes a batch dimension is split over: `data` and `fsdp`, those present."""
+  return tuple(a for a in BATCH_AXES if a in mesh.shape)
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Leading (batch) dimension split over the mesh's `data` and `fsdp` axes."""
-  axes = tuple(a for a in BATCH_AXES if a in mesh.shape)
+  axes = batch_axes(mesh)
   if not axes:
     raise ValueError(f"mesh.axes must include {DATA_AXIS!r} (and optionally {FSDP_AXIS!r}) to "
                      f"shard batches, got axes {mesh.axis_names}")
   return NamedSharding(mesh, PartitionSpec(axes))
+
+
+def check_batch_size(mesh: Mesh, batch_size: int, field: str, hint: str = "") -> None:
+  """Raises ValueError naming config `field` unless `batch_size` splits evenly over the mesh's
+  batch axes (`data`, `fsdp`); `hint` is appended to the message."""
+  shards = axis_size(mesh, batch_axes(mesh) or None)
+  if batch_size % shards:
+    raise ValueError(f"{field}={batch_size} must be divisible by the {shards} devices of the "
+                     f"mesh's data axes {dict(mesh.shape)}{hint}")
 
 
 def shard_batch(host_batch: PyTree, mesh: Mesh) -> PyTree:
@@ -184,7 +202,7 @@ def shard_batch(host_batch: PyTree, mesh: Mesh) -> PyTree:
   The global batch is the concatenation of every process's batch, in process order.
   """
   sharding = batch_sharding(mesh)
-  shards = _axis_size(mesh, sharding.spec[0])
+  shards = axis_size(mesh, sharding.spec[0])
   per_process = shards // jax.process_count()
 
   def one(x):

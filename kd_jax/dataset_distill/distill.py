@@ -1,7 +1,10 @@
 """The distillation loop: match expert trajectories, update images, labels and α.
 
 Each iteration samples an expert and a start epoch t from the window, runs N inner SGD steps
-from θ*_t on synthetic minibatches and matches θ*_{t+M} (`matching.TrajectoryMatcher`).
+from θ*_t on synthetic minibatches and matches θ*_{t+M} (`matching.TrajectoryMatcher`). With
+`segments=G > 1` it samples G (expert, start epoch) pairs and matches their mean loss; on a mesh
+with a `segment` axis each device group runs one of them, and each minibatch is split over
+`data`.
 Images, α and learned label logits each have their own optimizer, MTT/DATM's defaults:
 SGD momentum 0.5 for images (lr_img) and α (lr_lr), SGD momentum 0.9 for labels (lr_label).
 """
@@ -13,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from kd_jax.dataset_distill.datm import StartWindow, should_update
 from kd_jax.dataset_distill.matching import TrajectoryMatcher, make_inner_step, minibatch_plan
@@ -42,11 +46,13 @@ class MatchingConfig:
   mode: str = "exact"
   threshold: float | None = None
   seed: int = 0
+  segments: int = 1              # (expert, start epoch) pairs matched per iteration
 
 
 def distill(trajectories: np.ndarray, apply_fn, unravel: Callable, synthetic: SyntheticSet,
             config: MatchingConfig, *, augment: Callable | None = None,
-            callback: Callable | None = None, log: Callable = print) -> SyntheticSet:
+            mesh: Mesh | None = None, callback: Callable | None = None,
+            log: Callable = print) -> SyntheticSet:
   """Runs `config.iterations` matching iterations and returns the distilled set.
 
   Args:
@@ -54,6 +60,7 @@ def distill(trajectories: np.ndarray, apply_fn, unravel: Callable, synthetic: Sy
     apply_fn, unravel: the model and the flat-params unraveller of the experts.
     synthetic: the initial set.
     augment: `augment(images, key)` applied inside every inner step (DSA).
+    mesh: from `kd_jax.sharding.make_mesh`; see `matching.TrajectoryMatcher`.
     callback: `callback(iteration, synthetic)` called before iteration 0, 1, ... and after
       the last; use it for periodic evaluation.
   """
@@ -63,8 +70,10 @@ def distill(trajectories: np.ndarray, apply_fn, unravel: Callable, synthetic: Sy
                      f"plus expert_epochs = {config.expert_epochs} exceed the experts' "
                      f"{num_epochs - 1} epochs; lower them or train longer experts")
   learn_labels = synthetic.label_kind == "logits"
-  step = make_inner_step(apply_fn, unravel, label_kind=synthetic.label_kind, augment=augment)
-  matcher = TrajectoryMatcher(step, mode=config.mode, learn_labels=learn_labels)
+  step = make_inner_step(apply_fn, unravel, label_kind=synthetic.label_kind, augment=augment,
+                         mesh=mesh)
+  matcher = TrajectoryMatcher(step, mode=config.mode, learn_labels=learn_labels,
+                              segments=config.segments, mesh=mesh)
   optimizers = {"images": optax.sgd(config.lr_img, momentum=0.5),
                 "lr": optax.sgd(config.lr_lr, momentum=0.5)}
   if learn_labels:
@@ -73,6 +82,8 @@ def distill(trajectories: np.ndarray, apply_fn, unravel: Callable, synthetic: Sy
   if learn_labels:
     values["labels"] = synthetic.labels
   opt_states = {k: tx.init(values[k]) for k, tx in optimizers.items()}
+  if mesh is not None:  # replicated, like the gradients the matcher returns
+    values, opt_states = jax.device_put((values, opt_states), NamedSharding(mesh, PartitionSpec()))
 
   @jax.jit
   def update(values, grads, opt_states):
@@ -90,12 +101,20 @@ def distill(trajectories: np.ndarray, apply_fn, unravel: Callable, synthetic: Sy
   for it in range(config.iterations):
     if callback is not None:
       callback(it, current())
-    expert = int(rng.integers(num_experts))
-    start = config.window.sample(rng, it)
-    theta_start = jnp.asarray(trajectories[expert, start])
-    theta_target = jnp.asarray(trajectories[expert, start + config.expert_epochs])
-    indices = minibatch_plan(rng, synthetic.images.shape[0], config.batch_syn, config.syn_steps)
-    keys = jax.random.split(jax.random.fold_in(key, it), config.syn_steps)
+    starts, theta_start, theta_target, indices = [], [], [], []
+    for _ in range(config.segments):
+      expert = int(rng.integers(num_experts))
+      starts.append(config.window.sample(rng, it))
+      theta_start.append(trajectories[expert, starts[-1]])
+      theta_target.append(trajectories[expert, starts[-1] + config.expert_epochs])
+      indices.append(minibatch_plan(rng, synthetic.images.shape[0], config.batch_syn,
+                                    config.syn_steps))
+    stack = lambda parts: np.stack(parts) if config.segments > 1 else parts[0]
+    theta_start, theta_target = jnp.asarray(stack(theta_start)), jnp.asarray(stack(theta_target))
+    indices = stack(indices)
+    keys = jax.random.split(jax.random.fold_in(key, it), config.segments * config.syn_steps)
+    if config.segments > 1:
+      keys = keys.reshape(config.segments, config.syn_steps)
     loss, grads = matcher(theta_start, theta_target, values["images"], current().labels,
                           values["lr"], indices, keys)
     loss = float(loss)
@@ -108,8 +127,8 @@ def distill(trajectories: np.ndarray, apply_fn, unravel: Callable, synthetic: Sy
                                                           if learn_labels else {})}
       values, opt_states = update(values, grads, opt_states)
     if it % 10 == 0 or it == config.iterations - 1:
-      log(f"iter {it:5d}  loss {loss:.4f}  start {start:3d}  lr {float(values['lr']):.5f}"
-          f"{'' if updated else '  (skipped)'}  {time.time() - start_time:.0f}s")
+      log(f"iter {it:5d}  loss {loss:.4f}  start {','.join(map(str, starts)):>3}  "
+          f"lr {float(values['lr']):.5f}{'' if updated else '  (skipped)'}  {time.time() - start_time:.0f}s")
   if callback is not None:
     callback(config.iterations, current())
   return current()

@@ -20,8 +20,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.flatten_util import ravel_pytree
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import kd_jax
+from kd_jax import sharding
 from kd_jax.checkpoint import atomic_write_json
 from kd_jax.train_step import TrainState, make_kd_objective, make_train_step
 
@@ -60,11 +62,12 @@ def epoch_batches(rng: np.random.Generator, num_examples: int, batch_size: int):
 
 
 def make_indexed_train_step(apply_fn, tx: optax.GradientTransformation,
-                            augment: Callable | None = None):
+                            augment: Callable | None = None, mesh: Mesh | None = None):
   """Returns `step(state, images, labels, indices, mask, key) -> state`, not jitted.
 
   The standard `make_train_step` with plain CE (labels may be class ids or probabilities) on
   the batch `augment(images[indices], key)`. Images stay on the device; only indices travel.
+  With a `mesh`, the batch is split over its `data` (and `fsdp`) axes.
   The caller draws a fresh `key` per step; under `jax.vmap` over networks pass one shared key
   so that DSA's family choice stays a real branch (a batched key turns `lax.switch` into
   computing every family).
@@ -73,6 +76,8 @@ def make_indexed_train_step(apply_fn, tx: optax.GradientTransformation,
 
   def step(state, images, labels, indices, mask, key):
     x = images[indices]
+    if mesh is not None:
+      x = jax.lax.with_sharding_constraint(x, sharding.batch_sharding(mesh))
     if augment is not None:
       x = augment(x, key)
     batch = {"image": x, "label": labels[indices], "mask": mask}
@@ -83,23 +88,33 @@ def make_indexed_train_step(apply_fn, tx: optax.GradientTransformation,
 
 def train_expert(apply_fn, init_params: Callable, images: np.ndarray, labels: np.ndarray, *,
                  epochs: int, lr: float, batch_size: int, seed: int,
-                 augment: Callable | None = None) -> np.ndarray:
+                 augment: Callable | None = None, mesh: Mesh | None = None,
+                 rules: sharding.Rules = ()) -> np.ndarray:
   """Trains one expert; returns its trajectory `[epochs + 1, P]` float32.
 
   `init_params(rng) -> params` draws a fresh network; the model must have no mutable state.
+  With a `mesh`, each batch is split over its `data` (and `fsdp`) axes and the params are
+  placed by `rules` (`kd_jax.sharding.state_shardings`; auto-FSDP on an `fsdp` axis).
   """
   tx = optax.sgd(lr)
-  step = jax.jit(make_indexed_train_step(apply_fn, tx, augment), donate_argnums=0)
+  step = jax.jit(make_indexed_train_step(apply_fn, tx, augment, mesh), donate_argnums=0)
   params = init_params(jax.random.key(seed))
   state = TrainState.create(params, {}, tx)
   images, labels = jnp.asarray(images), jnp.asarray(labels)
+  place_batch = lambda x: x
+  if mesh is not None:
+    sharding.check_batch_size(mesh, batch_size, "experts.batch_size")
+    state = jax.device_put(state, sharding.state_shardings(state, mesh, rules))
+    images, labels = jax.device_put((images, labels), NamedSharding(mesh, PartitionSpec()))
+    place_batch = lambda x: jax.device_put(x, sharding.batch_sharding(mesh))
   rng = np.random.default_rng(seed)
   key = jax.random.key(seed + 1)
   trajectory = [np.asarray(ravel_pytree(state.params)[0], np.float32)]
   t = 0
   for _ in range(epochs):
     for idx, mask in epoch_batches(rng, images.shape[0], batch_size):
-      state = step(state, images, labels, idx, mask, jax.random.fold_in(key, t))
+      state = step(state, images, labels, place_batch(idx), place_batch(mask),
+                   jax.random.fold_in(key, t))
       t += 1
     trajectory.append(np.asarray(ravel_pytree(state.params)[0], np.float32))
   return np.stack(trajectory)
@@ -129,7 +144,8 @@ def load_buffer(directory, expected: dict | None = None) -> tuple[np.ndarray, di
 def train_experts(directory, apply_fn, init_params: Callable, images: np.ndarray,
                   labels: np.ndarray, *, metadata: dict, num_experts: int, epochs: int,
                   lr: float = 0.01, batch_size: int = 256, seed: int = 0,
-                  augment: Callable | None = None, log: Callable = print
+                  augment: Callable | None = None, mesh: Mesh | None = None,
+                  rules: sharding.Rules = (), log: Callable = print
                   ) -> tuple[np.ndarray, dict]:
   """Trains (or resumes, or loads) a buffer of `num_experts` expert trajectories.
 
@@ -137,6 +153,7 @@ def train_experts(directory, apply_fn, init_params: Callable, images: np.ndarray
     directory: where the buffer lives.
     metadata: what identifies the experts besides the training recipe, at least `model`,
       `model_kwargs`, `num_classes`, `image_shape` (and e.g. `dataset`, `zca`, `dsa`).
+    mesh, rules: split each batch over this mesh, place params by rules (see `train_expert`).
     The rest: the recipe; expert k uses seed `seed + k`.
   Returns:
     `load_buffer(directory, ...)`.
@@ -159,7 +176,8 @@ def train_experts(directory, apply_fn, init_params: Callable, images: np.ndarray
     if part.exists():
       continue
     trajectory = train_expert(apply_fn, init_params, images, labels, epochs=epochs, lr=lr,
-                              batch_size=batch_size, seed=seed + k, augment=augment)
+                              batch_size=batch_size, seed=seed + k, augment=augment, mesh=mesh,
+                              rules=rules)
     atomic_save_npy(part, trajectory)
     log(f"expert {k + 1}/{num_experts} done")
   atomic_save_npy(directory / TRAJECTORIES,

@@ -20,12 +20,15 @@ Gradient modes (DESIGN.md §4):
 The steps are separate jitted calls driven from Python, never `lax.scan`: on XLA:CPU a conv net
 inside a while loop runs 40–70× slower.
 """
+import functools
 from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from kd_jax import sharding
 from kd_jax.train_step import make_kd_objective, make_loss_fn, sgd_update
 
 MODES = ("exact", "tesla", "unrolled")
@@ -68,7 +71,7 @@ class InnerStep:
 
 
 def make_inner_step(apply_fn, unravel: Callable, *, label_kind: str = "hard",
-                    augment: Callable | None = None) -> InnerStep:
+                    augment: Callable | None = None, mesh: Mesh | None = None) -> InnerStep:
   """Returns the `InnerStep` of cross-entropy SGD on synthetic minibatches.
 
   The loss is the KD job's training loss (`train_step.make_loss_fn` with the label-only
@@ -80,6 +83,7 @@ def make_inner_step(apply_fn, unravel: Callable, *, label_kind: str = "hard",
     unravel: maps a flat `[P]` vector to the params tree (from `ravel_pytree`).
     label_kind: how `labels` become targets, see `label_targets`.
     augment: `augment(images, key) -> images`, e.g. DSA; None for no augmentation.
+    mesh: when given, the minibatch is split over its `data` (and `fsdp`) axes.
   The step's arguments: theta `[P]`; images `[S, H, W, C]`; labels `[S]` int or `[S, C]`;
   lr scalar α; indices `[batch_syn]` int; key a PRNG key fixing this step's augmentation.
   """
@@ -90,6 +94,9 @@ def make_inner_step(apply_fn, unravel: Callable, *, label_kind: str = "hard",
 
   def loss(theta, images, labels, indices, key):
     x = images[indices]
+    if mesh is not None and sharding.batch_axes(mesh):
+      x = jax.lax.with_sharding_constraint(
+          x, NamedSharding(mesh, PartitionSpec(sharding.batch_axes(mesh))))
     if augment is not None:
       x = augment(x, key)
     batch = {"image": x, "label": label_targets(labels[indices], label_kind)}
@@ -108,23 +115,49 @@ class TrajectoryMatcher:
   """Value and gradient of the matching loss w.r.t. (images, labels, lr) in one of `MODES`.
 
   Call as `matcher(theta_start, theta_target, images, labels, lr, indices, keys)` with
-  indices `[N, batch_syn]` and keys `[N]`; returns `(loss, SyntheticGrads)`.
+  theta `[P]`, indices `[N, batch_syn]` and keys `[N]`; returns `(loss, SyntheticGrads)`.
+  With `segments=G > 1` every argument but images, labels and lr gains a leading `[G]` axis
+  (G (expert, start epoch) segments, vmapped) and the loss is the mean of the G segments' losses.
   `learn_labels=False` treats labels as constants (hard labels or fixed probabilities).
+
+  `mesh` (from `kd_jax.sharding.make_mesh`): θ, images, labels and lr are replicated; each
+  minibatch is split over the mesh's `data` (and `fsdp`) axes, and the G segments over its
+  `segment` axis, one segment per device group. No pmap: the jitted pieces follow the
+  shardings of their inputs. Results equal the 1-device ones up to summation order.
 
   The jitted pieces are public for memory analysis: `step` (forward step), `vjp_step`
   (exact/tesla backward step) and `unrolled` (the whole unrolled value-and-grad).
   """
 
-  def __init__(self, step_fn: InnerStep, *, mode: str = "exact", learn_labels: bool = False):
+  def __init__(self, step_fn: InnerStep, *, mode: str = "exact", learn_labels: bool = False,
+               segments: int = 1, mesh: Mesh | None = None):
     if mode not in MODES:
       raise ValueError(f"trajectory matching mode must be one of {MODES}, got {mode!r}")
+    if segments < 1:
+      raise ValueError(f"segments (distill.segments) must be >= 1, got {segments}")
+    if mesh is not None and segments % sharding.axis_size(mesh, _segment_axis(mesh)):
+      raise ValueError(f"distill.segments={segments} must be a multiple of the mesh's "
+                       f"{sharding.SEGMENT_AXIS!r} axis size "
+                       f"{sharding.axis_size(mesh, _segment_axis(mesh))}; change one of them")
     self.mode = mode
     self.learn_labels = learn_labels
+    self.segments = segments
+    self.mesh = mesh
+    self._batch_axes = (sharding.batch_axes(mesh) or None) if mesh is not None else None
     self._step_fn = step_fn
-    self.step = jax.jit(step_fn)
+    batched = functools.partial(jax.vmap, spmd_axis_name=_segment_axis(mesh))
+    step, backward, segment_loss = step_fn, self._backward_step, self._segment_unrolled_loss
+    self._distance = parameter_distance_loss
+    if segments > 1:
+      step = batched(step, in_axes=(0, None, None, None, 0, 0))
+      backward = batched(backward, in_axes=(0, None, None, None, 0, 0, 0))
+      segment_loss = batched(segment_loss, in_axes=(None, None, 0, 0, 0, 0))
+      self._distance = jax.vmap(parameter_distance_loss)
+    self._backward, self._segment_loss = backward, segment_loss
+    self.step = jax.jit(step)
     self.vjp_step = jax.jit(self._vjp_step, donate_argnums=(7,))
     self.unrolled = jax.jit(self._unrolled)
-    self.loss_and_cotangent = jax.jit(jax.value_and_grad(parameter_distance_loss))
+    self.loss_and_cotangent = jax.jit(jax.value_and_grad(self._matching_loss))
 
   def _data(self, images, labels) -> dict:
     return {"images": images, **({"labels": labels} if self.learn_labels else {})}
@@ -137,8 +170,11 @@ class TrajectoryMatcher:
     return lambda theta, v: self._step_fn(theta, v["images"], v.get("labels", labels), v["lr"],
                                           indices, key)
 
-  def _vjp_step(self, theta, images, labels, lr, indices, key, cotangent, acc):
-    """One backward step: (λ_i, acc + ∂⟨θ_{i+1}, λ_{i+1}⟩/∂(images, [labels,] lr)).
+  def _matching_loss(self, theta_n, theta_start, theta_target):
+    return jnp.mean(self._distance(theta_n, theta_start, theta_target))
+
+  def _backward_step(self, theta, images, labels, lr, indices, key, cotangent):
+    """One segment's backward step: (λ_i, ∂⟨θ_{i+1}, λ_{i+1}⟩/∂(images, [labels,] lr)).
 
     With θ_{i+1} = θ_i − α ∇_θ ℓ(θ_i; v), v = (images, [labels]), and λ = λ_{i+1}:
     λ_i = λ − α H λ, ∂/∂v = −α (∂²ℓ/∂v∂θ) λ and ∂/∂α = −⟨∇_θ ℓ, λ⟩. All come from one
@@ -151,41 +187,85 @@ class TrajectoryMatcher:
                                                         indices, key), argnums=(0, 1))
     (g, _), (hvp, mixed) = jax.jvp(lambda th: grad_fn(th, data), (theta,), (cotangent,))
     grads = {**jax.tree.map(lambda m: -lr * m, mixed), "lr": -jnp.vdot(g, cotangent)}
-    return cotangent - lr * hvp, jax.tree.map(jnp.add, acc, grads)
+    return cotangent - lr * hvp, grads
+
+  def _vjp_step(self, theta, images, labels, lr, indices, key, cotangent, acc):
+    """λ_i and `acc` plus this step's gradient, summed over segments."""
+    cotangent, grads = self._backward(theta, images, labels, lr, indices, key, cotangent)
+    if self.segments > 1:
+      grads = jax.tree.map(lambda g: jnp.sum(g, axis=0), grads)
+    return cotangent, jax.tree.map(jnp.add, acc, grads)
+
+  def _segment_unrolled_loss(self, learnable, labels, theta_start, theta_target, indices, keys):
+    theta = theta_start
+    for i in range(indices.shape[0]):
+      theta = self._step_of(labels, indices[i], keys[i])(theta, learnable)
+    return parameter_distance_loss(theta, theta_start, theta_target)
 
   def _unrolled(self, theta_start, theta_target, images, labels, lr, indices, keys):
-    def loss_fn(learnable):
-      theta = theta_start
-      for i in range(indices.shape[0]):
-        theta = self._step_of(labels, indices[i], keys[i])(theta, learnable)
-      return parameter_distance_loss(theta, theta_start, theta_target)
+    loss_fn = lambda learnable: jnp.mean(self._segment_loss(
+        learnable, labels, theta_start, theta_target, indices, keys))
     return jax.value_and_grad(loss_fn)(self._learnable(images, labels, lr))
 
+  def _place(self, x, *spec):
+    """`x` on the mesh with `spec`, the leading segment axis prepended when batched."""
+    if self.mesh is None:
+      return x
+    if self.segments > 1:
+      spec = (_segment_axis(self.mesh), *spec)
+    return jax.device_put(x, NamedSharding(self.mesh, PartitionSpec(*spec)))
+
+  def _check_shapes(self, theta_start, indices):
+    lead = (self.segments,) if self.segments > 1 else ()
+    if theta_start.ndim != len(lead) + 1 or indices.ndim != len(lead) + 2 or (
+        indices.shape[:len(lead)] != lead or theta_start.shape[:len(lead)] != lead):
+      raise ValueError(f"with segments={self.segments}, theta must be {[*lead, 'P']} and indices "
+                       f"{[*lead, 'N', 'batch_syn']}; got {theta_start.shape} and {indices.shape}")
+    if self.mesh is not None:
+      sharding.check_batch_size(
+          self.mesh, indices.shape[-1], "distill.batch_syn",
+          f"; change batch_syn, or put devices on a {sharding.SEGMENT_AXIS!r} axis and raise "
+          "distill.segments")
+
   def forward(self, theta_start, images, labels, lr, indices, keys) -> list[jax.Array]:
-    """θ_0..θ_N, each `[P]`: the only state the exact backward pass keeps."""
+    """θ_0..θ_N, each `[P]` (`[G, P]`): the only state the exact backward pass keeps."""
     thetas = [theta_start]
-    for i in range(indices.shape[0]):
-      thetas.append(self.step(thetas[-1], images, labels, lr, indices[i], keys[i]))
+    for i in range(indices.shape[-2]):
+      thetas.append(self.step(thetas[-1], images, labels, lr, self._batch(indices, i),
+                              keys[..., i]))
     return thetas
+
+  def _batch(self, indices, i):
+    """Step i's minibatch indices, `[batch_syn]` (`[G, batch_syn]`), split over the data axes."""
+    return self._place(indices[..., i, :], self._batch_axes)
 
   def __call__(self, theta_start, theta_target, images, labels, lr, indices, keys):
     lr = jnp.asarray(lr, images.dtype)
-    indices = jnp.asarray(indices)
-    if indices.ndim != 2:
-      raise ValueError(f"indices must be [N, batch_syn], got shape {indices.shape}")
+    indices = np.asarray(indices)
+    self._check_shapes(theta_start, indices)
+    theta_start, theta_target, keys = (self._place(x) for x in (theta_start, theta_target, keys))
+    if self.mesh is not None:
+      images, labels, lr = jax.device_put((images, labels, lr),
+                                          NamedSharding(self.mesh, PartitionSpec()))
     if self.mode == "unrolled":
-      loss, grads = self.unrolled(theta_start, theta_target, images, labels, lr, indices, keys)
+      loss, grads = self.unrolled(theta_start, theta_target, images, labels, lr,
+                                  self._place(indices, None, self._batch_axes), keys)
     else:
       thetas = self.forward(theta_start, images, labels, lr, indices, keys)
       loss, lam_n = self.loss_and_cotangent(thetas[-1], theta_start, theta_target)
       lam = lam_n
       grads = jax.tree.map(jnp.zeros_like, self._learnable(images, labels, lr))
-      for i in reversed(range(indices.shape[0])):
-        lam, grads = self.vjp_step(thetas[i], images, labels, lr, indices[i], keys[i],
-                                   lam if self.mode == "exact" else lam_n, grads)
+      for i in reversed(range(indices.shape[-2])):
+        lam, grads = self.vjp_step(thetas[i], images, labels, lr, self._batch(indices, i),
+                                   keys[..., i], lam if self.mode == "exact" else lam_n, grads)
         thetas[i + 1] = None  # θ_{i+1} is no longer needed
     return loss, SyntheticGrads(images=grads["images"], labels=grads.get("labels"),
                                 lr=grads["lr"])
+
+
+def _segment_axis(mesh: Mesh | None) -> str | None:
+  """The mesh's segment axis name, or None when there is no mesh or no such axis."""
+  return sharding.SEGMENT_AXIS if mesh is not None and sharding.SEGMENT_AXIS in mesh.shape else None
 
 
 def minibatch_plan(rng: np.random.Generator, num_synthetic: int, batch_syn: int,

@@ -14,7 +14,11 @@
   distill.lr_img, distill.lr_lr, distill.lr_label, distill.momentum_label, distill.lr_init (α₀),
   distill.image_init ("real" | "real_correct" | "noise"),
   distill.label_kind ("hard" MTT | "probs" TESLA | "logits" DATM),
-  distill.mode ("exact" | "tesla" | "unrolled"), distill.threshold (<= 0: never skip)
+  distill.mode ("exact" | "tesla" | "unrolled"), distill.threshold (<= 0: never skip),
+  distill.segments ((expert, start epoch) pairs matched per iteration; 1 = MTT)
+  mesh.axes (`data` splits every expert and synthetic minibatch; `segment` runs the segments
+  one per device group, e.g. (("segment", 4), ("data", -1))), mesh.rules (experts' params;
+  the matched θ is one flat vector, replicated)
   eval.num_nets, eval.epochs, eval.batch_size, eval.fixed_lr, eval.every (iterations; 0 = end
   only), eval.curve_nets, eval.full_data_epochs (0 = skip full-data training), eval.vectorize
 Outputs in workdir: experts/ (buffer), distilled.npz + distilled.json, zca.npz (if ZCA),
@@ -32,6 +36,7 @@ from jax.flatten_util import ravel_pytree
 
 import kd_jax
 from kd_jax import data as data_lib
+from kd_jax import sharding
 from kd_jax.data.dsa import diff_augment
 from kd_jax.data.zca import fit_zca, zca_apply, zca_inverse
 from kd_jax.dataset_distill import plots
@@ -91,13 +96,14 @@ def run(config, workdir) -> dict:
               "zca": bool(config.data.zca), "model": config.model.name,
               "model_kwargs": model_kwargs, "num_classes": num_classes,
               "image_shape": list(image_shape)}
+  mesh = sharding.make_mesh(tuple(map(tuple, config.mesh.axes)))
   expert_dir = Path(config.experts.directory or workdir / "experts")
   trajectories, _ = train_experts(
       expert_dir, apply_fn, init_params, train_x, train_y,
       metadata={**identity, "dsa": config.dsa.strategy if config.dsa.enabled else ""},
       num_experts=config.experts.num_experts, epochs=config.experts.epochs,
       lr=config.experts.lr, batch_size=config.experts.batch_size, seed=config.seed,
-      augment=augment)
+      augment=augment, mesh=mesh, rules=tuple(map(tuple, config.mesh.rules)))
   t_experts = time.time() - t0
 
   d = config.distill
@@ -136,10 +142,11 @@ def run(config, workdir) -> dict:
                          d.expansion_end_epoch),
       batch_syn=d.batch_syn or images.shape[0], lr_img=d.lr_img, lr_lr=d.lr_lr,
       lr_label=d.lr_label, momentum_label=d.momentum_label, mode=d.mode,
-      threshold=d.threshold if d.threshold > 0 else None, seed=config.seed)
+      threshold=d.threshold if d.threshold > 0 else None, seed=config.seed,
+      segments=d.segments)
   t1 = time.time()
   result = distill(trajectories, apply_fn, unravel, synthetic, matching, augment=augment,
-                   callback=callback)
+                   mesh=mesh, callback=callback)
   t_distill = time.time() - t1
 
   final_images, final_targets, learned_lr = (np.asarray(result.images), targets(result),

@@ -1,0 +1,115 @@
+"""Dataset distillation on a mesh: experts and trajectory matching equal one device; several
+segments per iteration equal the mean of single segments."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+
+from dd_tiny_model import TinyConvNet, tiny_model
+from kd_jax.data.dsa import diff_augment
+from kd_jax.dataset_distill.experts import train_expert
+from kd_jax.dataset_distill.matching import TrajectoryMatcher, make_inner_step, minibatch_plan
+from kd_jax.models import init_model
+from kd_jax.sharding import make_mesh
+
+NUM_STEPS, NUM_IMAGES, BATCH_SYN, SEGMENTS = 2, 16, 8, 2
+GRAD_NAMES = ("images", "labels", "lr")
+
+
+def _flip(x, key):
+  return diff_augment(x, key, strategy="flip")
+
+
+def _problem():
+  """Shared (images, label logits, lr) and two segments' (θ_start, θ_target, indices, keys)."""
+  apply_fn, params = tiny_model(jax.random.key(0))
+  theta0, unravel = ravel_pytree(params)
+  k = jax.random.split(jax.random.key(1), 6)
+  images = jax.random.normal(k[0], (NUM_IMAGES, 8, 8, 1))
+  label_logits = jax.random.normal(k[1], (NUM_IMAGES, 3))
+  starts = jnp.stack([theta0, theta0 + 0.02 * jax.random.normal(k[2], theta0.shape)])
+  targets = starts + 0.05 * jax.random.normal(k[3], starts.shape)
+  rng = np.random.default_rng(0)
+  indices = np.stack([minibatch_plan(rng, NUM_IMAGES, BATCH_SYN, NUM_STEPS)
+                      for _ in range(SEGMENTS)])
+  keys = jax.random.split(k[4], SEGMENTS * NUM_STEPS).reshape(SEGMENTS, NUM_STEPS)
+  segments = (starts, targets, indices, keys)
+  return (apply_fn, unravel), (images, label_logits, jnp.asarray(0.3)), segments
+
+
+def _matcher(model, mode="exact", mesh=None, segments=1):
+  step = make_inner_step(*model, label_kind="logits", augment=_flip, mesh=mesh)
+  return TrajectoryMatcher(step, mode=mode, learn_labels=True, segments=segments, mesh=mesh)
+
+
+def _call(matcher, shared, segments):
+  starts, targets, indices, keys = segments
+  images, labels, lr = shared
+  return matcher(starts, targets, images, labels, lr, indices, keys)
+
+
+def _assert_same(got, want, rtol=1e-5):
+  np.testing.assert_allclose(got[0], want[0], rtol=rtol)
+  for name in GRAD_NAMES:
+    np.testing.assert_allclose(getattr(got[1], name), getattr(want[1], name), rtol=rtol,
+                               atol=rtol * float(jnp.abs(getattr(want[1], name)).max()),
+                               err_msg=name)
+
+
+def test_segments_average_the_single_segment_losses_and_gradients():
+  model, shared, segments = _problem()
+  single = _matcher(model)
+  per_segment = [_call(single, shared, tuple(x[g] for x in segments)) for g in range(SEGMENTS)]
+  mean = (np.mean([l for l, _ in per_segment]),
+          jax.tree.map(lambda *g: sum(g) / SEGMENTS, *[grads for _, grads in per_segment]))
+  for mode in ("exact", "unrolled"):
+    _assert_same(_call(_matcher(model, mode, segments=SEGMENTS), shared, segments), mean)
+
+
+@pytest.mark.parametrize("axes,segments", [((("data", 8),), 1),
+                                           ((("segment", 2), ("data", 4)), SEGMENTS)])
+def test_sharded_matching_equals_one_device(axes, segments):
+  model, shared, all_segments = _problem()
+  segs = all_segments if segments > 1 else tuple(x[0] for x in all_segments)
+  mesh = make_mesh(axes)
+  sharded = _matcher(model, mesh=mesh, segments=segments)
+  _assert_same(_call(sharded, shared, segs), _call(_matcher(model, segments=segments), shared, segs))
+  # The inner step really is split: each device holds 1/8 of a segment's minibatch.
+  starts, _, indices, keys = segs
+  images, labels, lr = shared
+  step_hlo = sharded.step.lower(sharded._place(starts), images, labels, lr,
+                                sharded._batch(indices, 0), keys[..., 0]).compile().as_text()
+  assert "all-reduce" in step_hlo
+  local = sharded._batch(indices, 0).addressable_shards[0].data
+  assert local.size == indices[..., 0, :].size // 8
+
+
+def test_bad_mesh_for_batch_or_segments_raises():
+  model, shared, segments = _problem()
+  with pytest.raises(ValueError, match="distill.segments=3 must be a multiple"):
+    _matcher(model, mesh=make_mesh((("segment", 2), ("data", 4))), segments=3)
+  single = tuple(x[0] for x in segments)
+  starts, targets, indices, keys = single
+  with pytest.raises(ValueError, match="distill.batch_syn=6 must be divisible by the 8"):
+    _call(_matcher(model, mesh=make_mesh((("data", 8),))), shared,
+          (starts, targets, indices[:, :6], keys))
+  with pytest.raises(ValueError, match="with segments=2, theta must be"):
+    _call(_matcher(model, segments=SEGMENTS), shared, single)
+
+
+def test_sharded_expert_equals_one_device():
+  apply_fn, _ = tiny_model(jax.random.key(0))
+  init_params = lambda key: init_model(TinyConvNet(num_classes=3), key, (1, 8, 8, 1))[0]
+  rng = np.random.default_rng(0)
+  images = rng.standard_normal((20, 8, 8, 1)).astype(np.float32)
+  labels = np.arange(20, dtype=np.int32) % 3
+  kwargs = dict(epochs=2, lr=0.1, batch_size=8, seed=0, augment=_flip)  # last batch padded
+  one = train_expert(apply_fn, init_params, images, labels, **kwargs)
+  sharded = train_expert(apply_fn, init_params, images, labels, mesh=make_mesh((("data", 8),)),
+                         **kwargs)
+  assert np.abs(one[-1] - one[0]).max() > 1e-3  # it trained
+  np.testing.assert_allclose(sharded, one, rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="experts.batch_size=6 must be divisible by the 8"):
+    train_expert(apply_fn, init_params, images, labels, mesh=make_mesh((("data", 8),)),
+                 **{**kwargs, "batch_size": 6})
