@@ -1,0 +1,72 @@
+"""K-network evaluation on a mesh equals one device; bad meshes raise; lr reuses the compile."""
+import jax
+import numpy as np
+import pytest
+
+from dd_tiny_model import TinyConvNet, tiny_model
+from kd_jax.dataset_distill import evaluate
+from kd_jax.models import init_model
+from kd_jax.sharding import make_mesh
+
+
+@pytest.fixture(scope="module")
+def setup():
+  apply_fn, _ = tiny_model(jax.random.key(0))
+  init_params = lambda key: init_model(TinyConvNet(num_classes=3), key, (1, 8, 8, 1))[0]
+  rng = np.random.default_rng(0)
+  images = rng.standard_normal((12, 8, 8, 1)).astype(np.float32)
+  labels = np.arange(12, dtype=np.int32) % 3
+  flip = lambda x, key: jax.numpy.where(jax.random.bernoulli(key), x[:, :, ::-1], x)
+  return apply_fn, init_params, images, labels, flip
+
+
+@pytest.fixture(scope="module")
+def one_device(setup):
+  apply_fn, init_params, images, labels, flip = setup
+  return evaluate.evaluate_set(apply_fn, init_params, images, labels, images, labels,
+                               num_nets=8, lr=0.05, epochs=2, batch_size=5, augment=flip)
+
+
+@pytest.mark.parametrize("axes", [(("data", 8),), (("data", 4), ("fsdp", 2))])
+def test_sharded_networks_equal_one_device(setup, one_device, axes):
+  apply_fn, init_params, images, labels, flip = setup
+  mesh = make_mesh(axes)
+  kwargs = dict(num_nets=8, lr=0.05, epochs=2, batch_size=5, augment=flip)
+  sharded = evaluate.train_networks(apply_fn, init_params, images, labels, mesh=mesh, **kwargs)
+  leaf = jax.tree.leaves(sharded)[0]
+  assert leaf.sharding.spec[0] == "data" and len(leaf.sharding.device_set) == 8
+  reference = evaluate.train_networks(apply_fn, init_params, images, labels, **kwargs)
+  for a, b in zip(jax.tree.leaves(sharded), jax.tree.leaves(reference)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  result = evaluate.evaluate_set(apply_fn, init_params, images, labels, images, labels,
+                                 mesh=mesh, **kwargs)
+  np.testing.assert_allclose(result["accuracies"], one_device["accuracies"], rtol=1e-5)
+
+
+def test_bad_mesh_or_arguments_raise(setup):
+  apply_fn, init_params, images, labels, _ = setup
+  kwargs = dict(lr=0.05, epochs=1, batch_size=5)
+  with pytest.raises(ValueError, match=r"eval.num_nets=6 .* size 4"):
+    evaluate.train_networks(apply_fn, init_params, images, labels, num_nets=6,
+                            mesh=make_mesh((("data", 4), ("fsdp", 2))), **kwargs)
+  with pytest.raises(ValueError, match="'data' axis"):
+    evaluate.train_networks(apply_fn, init_params, images, labels, num_nets=8,
+                            mesh=make_mesh((("fsdp", 8),)), **kwargs)
+  with pytest.raises(ValueError, match="vectorize=True"):
+    evaluate.train_networks(apply_fn, init_params, images, labels, num_nets=8, vectorize=False,
+                            mesh=make_mesh((("data", 8),)), **kwargs)
+  with pytest.raises(ValueError, match="lr must be > 0"):
+    evaluate.train_networks(apply_fn, init_params, images, labels, num_nets=2,
+                            **{**kwargs, "lr": -0.01})
+
+
+def test_new_lr_or_epochs_reuse_the_compiled_step(setup):
+  apply_fn, init_params, images, labels, _ = setup
+  run = lambda lr, epochs: evaluate.train_networks(apply_fn, init_params, images, labels,
+                                                   num_nets=2, lr=lr, epochs=epochs, batch_size=5)
+  first = run(0.05, 1)
+  compiled = evaluate._all_networks_step._cache_size()  # pylint: disable=protected-access
+  second = run(0.01, 3)
+  assert evaluate._all_networks_step._cache_size() == compiled  # pylint: disable=protected-access
+  kernel = lambda params: max(jax.tree.leaves(params), key=lambda leaf: leaf.size)
+  assert not np.allclose(kernel(first), kernel(second))
