@@ -1,25 +1,28 @@
-"""Evaluation protocol speed: K networks trained together under jax.vmap vs one after another.
+"""Evaluation protocol speed: K networks trained together vs one after another (and on a mesh).
 
-    PYTHONPATH=. python benchmarks/eval_k_networks.py
-    PYTHONPATH=. python benchmarks/eval_k_networks.py --num_nets=5 --epochs=100 --images=100 --size=8
+    PYTHONPATH=. python benchmarks/eval_k_networks.py --epochs=50
+    PYTHONPATH=. python benchmarks/eval_k_networks.py --num_nets=6 --devices=2 --epochs=50
+    PYTHONPATH=. python benchmarks/eval_k_networks.py --size=32 --channels=3 --depth=3 \
+        --width=128 --num_nets=2 --epochs=2
 
-Trains K fresh ConvNets (depth 2, width 32 at 8×8 — the digits setting; --size=32 --depth=3
---width=128 for MTT's) on random images with DSA, as `kd_jax.dataset_distill.evaluate`
-does, and prints wall time of each way (a warm-up run first, so compile time is excluded).
+Trains K fresh ConvNets (depth 2, width 32 at 8×8 — the digits setting; --size=32 --channels=3
+--depth=3 --width=128 for MTT's) on random images with DSA. Prints, side by side:
+1. one training step of K networks, compiled: `jax.vmap` of the one-network step (what
+   `evaluate.py` did before: vmap turns each conv into a grouped conv, `feature_group_count=K`),
+   the one-network step K times, and XLA's flop count of each;
+2. `kd_jax.dataset_distill.evaluate.train_networks` end to end, `vectorize=True` (together:
+   the K batches in one call, then K one-network updates) and `vectorize=False` (one network
+   after another, each with its own gather and DSA), and with `--devices=N` > 1 also on a mesh
+   `data=N` of N CPU devices (one jitted step, K / N networks per device): the first call
+   (compile included) and a second call (compiled steps reused).
 """
 import argparse
+import os
 import platform
 import time
 
-import jax
-import numpy as np
 
-from kd_jax.data.dsa import diff_augment
-from kd_jax.dataset_distill.evaluate import train_networks
-from kd_jax.models import create_model, init_model, make_apply_fn
-
-
-def main():
+def parse_flags():
   parser = argparse.ArgumentParser()
   parser.add_argument("--num_nets", type=int, default=5)
   parser.add_argument("--epochs", type=int, default=100)
@@ -29,29 +32,105 @@ def main():
   parser.add_argument("--depth", type=int, default=2)
   parser.add_argument("--width", type=int, default=32)
   parser.add_argument("--batch_size", type=int, default=256)
-  flags = parser.parse_args()
-  shape = (flags.size, flags.size, flags.channels)
-  module = create_model("convnet", num_classes=10, depth=flags.depth, width=flags.width)
+  parser.add_argument("--devices", type=int, default=1,
+                      help="CPU devices (XLA_FLAGS, set before jax is imported)")
+  parser.add_argument("--no_dsa", action="store_true")
+  return parser.parse_args()
+
+
+FLAGS = parse_flags()
+if FLAGS.devices > 1:
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                             f" --xla_force_host_platform_device_count={FLAGS.devices}")
+
+# pylint: disable=wrong-import-position
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from kd_jax.data.dsa import diff_augment  # noqa: E402
+from kd_jax.dataset_distill.evaluate import make_eval_tx, train_networks  # noqa: E402
+from kd_jax.dataset_distill.experts import make_indexed_train_step  # noqa: E402
+from kd_jax.models import create_model, init_model, make_apply_fn  # noqa: E402
+from kd_jax.sharding import make_mesh  # noqa: E402
+from kd_jax.train_step import TrainState  # noqa: E402
+
+
+def seconds(fn, repeat=1):
+  start = time.perf_counter()
+  for _ in range(repeat):
+    out = fn()
+  jax.block_until_ready(out)
+  return (time.perf_counter() - start) / repeat
+
+
+def one_step(apply_fn, init_params, augment, images, labels, batch):
+  """Compiled ms per step of K networks: vmap of the one-network step vs that step K times."""
+  k = FLAGS.num_nets
+  tx = make_eval_tx(0.01, decay_step=10**6)
+  step = make_indexed_train_step(apply_fn, tx, augment)
+  rng = np.random.default_rng(0)
+  idx = np.stack([rng.permutation(len(images))[:batch] for _ in range(k)]).astype(np.int32)
+  mask = np.ones((k, batch), np.float32)
+  key = jax.random.key(1)
+  states = jax.vmap(lambda r: TrainState.create(init_params(r), {}, tx))(
+      jax.random.split(jax.random.key(0), k))
+  single = jax.tree.map(lambda leaf: leaf[0], states)
+  ways = {"jax.vmap of the step (grouped convs)": (
+              jax.jit(jax.vmap(step, in_axes=(0, None, None, 0, 0, None))),
+              (states, images, labels, idx, mask, key), 1),
+          f"one network's step, x{k}": (
+              jax.jit(step), (single, images, labels, idx[0], mask[0], key), k)}
+  print(f"one step of {k} networks (batch {batch}), compiled:")
+  for name, (jitted, args, calls) in ways.items():
+    start = time.perf_counter()
+    compiled = jitted.lower(*args).compile()
+    compile_s = time.perf_counter() - start
+    flops = (compiled.cost_analysis() or {}).get("flops", float("nan")) * calls
+    ms = 1e3 * calls * seconds(lambda: compiled(*args), repeat=20)
+    print(f"  {name:>40}: {ms:7.2f} ms  ({flops / 1e6:.0f} MFLOP, compile {compile_s:.1f} s)",
+          flush=True)
+
+
+def main():
+  shape = (FLAGS.size, FLAGS.size, FLAGS.channels)
+  module = create_model("convnet", num_classes=10, depth=FLAGS.depth, width=FLAGS.width)
   apply_fn = make_apply_fn(module)
   init_params = lambda key: init_model(module, key, (1, *shape))[0]
   rng = np.random.default_rng(0)
-  images = rng.standard_normal((flags.images, *shape)).astype(np.float32)
-  labels = (np.arange(flags.images) % 10).astype(np.int32)
-  augment = lambda x, key: diff_augment(x, key)
-  print(f"jax {jax.__version__}, {platform.machine()}, {jax.devices()[0].platform}; "
-        f"K={flags.num_nets} ConvNet-{flags.depth} width {flags.width} at {shape}, "
-        f"{flags.images} images, {flags.epochs} epochs, DSA on")
+  images = rng.standard_normal((FLAGS.images, *shape)).astype(np.float32)
+  labels = (np.arange(FLAGS.images) % 10).astype(np.int32)
+  augment = None if FLAGS.no_dsa else (lambda x, key: diff_augment(x, key))
+  batch = min(FLAGS.batch_size, FLAGS.images)
+  steps = FLAGS.epochs * -(-FLAGS.images // batch)
+  print(f"jax {jax.__version__}, {platform.machine()}, {jax.device_count()} "
+        f"{jax.devices()[0].platform} device(s), {os.cpu_count()} cores; K={FLAGS.num_nets} "
+        f"ConvNet-{FLAGS.depth} width {FLAGS.width} at {shape}, {FLAGS.images} images, "
+        f"{FLAGS.epochs} epochs = {steps} steps of batch {batch}, "
+        f"DSA {'off' if augment is None else 'on'}; load average {os.getloadavg()[0]:.2f}")
+  one_step(apply_fn, init_params, augment, jax.numpy.asarray(images), jax.numpy.asarray(labels),
+           batch)
+
+  ways = {"together (vectorize=True)": dict(vectorize=True),
+          "one after another (vectorize=False)": dict(vectorize=False)}
+  if FLAGS.devices > 1:
+    ways[f"together on mesh data={FLAGS.devices}"] = dict(
+        mesh=make_mesh((("data", FLAGS.devices),)))
+  print(f"train_networks, {FLAGS.epochs} epochs: first call (with compile) / again (compiled):")
   times = {}
-  for vectorize in (True, False):
-    run = lambda epochs: jax.block_until_ready(train_networks(
-        apply_fn, init_params, images, labels, num_nets=flags.num_nets, lr=0.01, epochs=epochs,
-        batch_size=flags.batch_size, augment=augment, vectorize=vectorize))
-    run(1)  # compile
-    t = time.perf_counter()
-    run(flags.epochs)
-    times[vectorize] = time.perf_counter() - t
-    print(f"{'vmap' if vectorize else 'sequential':>10}: {times[vectorize]:.2f} s", flush=True)
-  print(f"speed-up of vmap: {times[False] / times[True]:.2f}x")
+  for name, kwargs in ways.items():
+    run = lambda: train_networks(apply_fn, init_params, images, labels, num_nets=FLAGS.num_nets,
+                                 lr=0.01, epochs=FLAGS.epochs, batch_size=FLAGS.batch_size,
+                                 augment=augment, **kwargs)
+    jax.clear_caches()  # each way's first call compiles everything it uses
+    first = seconds(run)
+    times[name] = seconds(run)
+    print(f"  {name:>40}: {first:6.2f} s / {times[name]:6.2f} s "
+          f"({1e3 * times[name] / steps:.1f} ms per step of {FLAGS.num_nets} networks)",
+          flush=True)
+  sequential = times["one after another (vectorize=False)"]
+  for name, t in times.items():
+    print(f"  speed-up over one after another, compiled: {sequential / t:.2f}x  {name}")
+  print(f"load average after: {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":

@@ -4,13 +4,14 @@ As MTT's `evaluate_synset`: SGD momentum 0.9, weight decay 5e-4, lr decayed ×0.
 epochs, minibatches of `batch_size` (256) with DSA, plain (soft) cross-entropy; report the mean ±
 std test accuracy over K networks.
 
-The K networks train together in one jitted step (`vectorize=True`), or one after another
-(`vectorize=False`, the reference); both give the same networks. The joint step gathers and
-augments the K batches at once (`jax.vmap`, one shared DSA key) but runs the K networks' updates
-one after another inside the step: `jax.vmap` of a conv over K kernels becomes a grouped
-convolution (`feature_group_count=K`), which XLA:CPU runs about 3× slower than K plain
-convolutions. With a `mesh`, the network axis is split over its `data` axis (`jax.shard_map`
-under `jax.jit`): each device group trains its K / n networks.
+The K networks train together (`vectorize=True`) or one after another (`vectorize=False`, the
+reference); both give the same networks. Together, each step makes the K batches in one call
+(`jax.vmap` of gather and DSA, one shared DSA key) and then updates the K networks with one
+compiled one-network step each. It does not `jax.vmap` the update: vmap of a conv over K kernels
+becomes a grouped convolution (`feature_group_count=K`), which XLA:CPU runs 2-3× slower than K
+plain convolutions (benchmarks/eval_k_networks.py). With a `mesh`, the network axis is split
+over its `data` axis (`jax.shard_map` under `jax.jit`, the stacked state placed by
+`NamedSharding`): each device group updates its K / n networks in one jitted step.
 
 Steps are Python-driven jitted calls, never `lax.scan` (slow for conv nets on XLA:CPU). The lr
 and its decay step are traced arguments, so evaluations that differ only in lr or epochs (the
@@ -58,43 +59,59 @@ def _one_network_step(state, images, labels, indices, mask, key, lr, decay_step,
   return make_indexed_train_step(apply_fn, tx, augment)(state, images, labels, indices, mask, key)
 
 
-def _networks_step(states, images, labels, indices, mask, key, lr, decay_step, *, apply_fn,
-                   augment, momentum, weight_decay):
-  """One step of K networks: states `[K, ...]`, indices and mask `[K, B]`.
-
-  The K batches `augment(images[indices[k]], key)` are made at once (DSA draws its transforms
-  from `key` and the batch size only, so each equals the batch that network alone would get);
-  then each network takes `make_train_step`'s step on its batch, unrolled over K.
-  """
-  tx = make_eval_tx(lr, decay_step=decay_step, momentum=momentum, weight_decay=weight_decay)
-  train_step = make_train_step(apply_fn, None, make_kd_objective(None), tx)
+@functools.partial(jax.jit, static_argnames=("augment",))
+def _network_batches(images, labels, indices, key, *, augment):
+  """The K batches of one step at once: lists of K `augment(images[indices[k]], key)` and K
+  `labels[indices[k]]` (indices `[K, B]`). DSA draws its transforms from `key` and the batch
+  size only, so each equals the batch that network alone would get."""
   x, y = images[indices], labels[indices]
   if augment is not None:
     x = jax.vmap(augment, in_axes=(0, None))(x, key)
-  new_states = [
-      train_step(jax.tree.map(lambda leaf: leaf[k], states), None,
-                 {"image": x[k], "label": y[k], "mask": mask[k]}, key)[0]
-      for k in range(indices.shape[0])]
-  return jax.tree.map(lambda *leaves: jnp.stack(leaves), *new_states)
+  return list(x), list(y)
+
+
+@functools.partial(jax.jit, donate_argnums=0,
+                   static_argnames=("apply_fn", "momentum", "weight_decay"))
+def _network_update(state, x, y, mask, key, lr, decay_step, *, apply_fn, momentum, weight_decay):
+  """`make_train_step`'s step (plain CE) of one network on a ready batch."""
+  tx = make_eval_tx(lr, decay_step=decay_step, momentum=momentum, weight_decay=weight_decay)
+  step = make_train_step(apply_fn, None, make_kd_objective(None), tx)
+  return step(state, None, {"image": x, "label": y, "mask": mask}, key)[0]
 
 
 @functools.partial(jax.jit, donate_argnums=0,
                    static_argnames=("apply_fn", "augment", "momentum", "weight_decay", "mesh"))
-def _all_networks_step(states, images, labels, indices, mask, key, lr, decay_step, *, apply_fn,
-                       augment, momentum, weight_decay, mesh):
-  step = functools.partial(_networks_step, apply_fn=apply_fn, augment=augment,
-                           momentum=momentum, weight_decay=weight_decay)
-  if mesh is not None:
-    step = jax.shard_map(step, mesh=mesh, out_specs=_NETS, in_specs=(
-        _NETS, _SHARED, _SHARED, _NETS, _NETS, _SHARED, _SHARED, _SHARED))
-  return step(states, images, labels, indices, mask, key, lr, decay_step)
+def _sharded_networks_step(states, images, labels, indices, mask, key, lr, decay_step, *,
+                           apply_fn, augment, momentum, weight_decay, mesh):
+  """One step of K networks (states `[K, ...]`, indices and mask `[K, B]`) split over the
+  mesh's `data` axis; each device group updates its K / n networks one after another."""
+
+  def local(states, images, labels, indices, mask, key, lr, decay_step):
+    xs, ys = _network_batches(images, labels, indices, key, augment=augment)
+    new_states = [
+        _network_update(jax.tree.map(lambda leaf: leaf[k], states), xs[k], ys[k], mask[k], key,
+                        lr, decay_step, apply_fn=apply_fn, momentum=momentum,
+                        weight_decay=weight_decay)
+        for k in range(len(xs))]
+    return jax.tree.map(lambda *leaves: jnp.stack(leaves), *new_states)
+
+  return jax.shard_map(local, mesh=mesh, out_specs=_NETS, in_specs=(
+      _NETS, _SHARED, _SHARED, _NETS, _NETS, _SHARED, _SHARED, _SHARED))(
+          states, images, labels, indices, mask, key, lr, decay_step)
 
 
 @functools.partial(jax.jit, static_argnames=("apply_fn", "mesh"))
 def _networks_correct(stacked_params, batch, *, apply_fn, mesh):
-  """Correct predictions `[K]` of K stacked networks on one batch."""
-  correct = lambda params, batch: jax.vmap(make_eval_step(apply_fn), in_axes=(0, None))(
-      {"params": params}, batch)["eval/correct"]
+  """Correct predictions `[K]` of K stacked networks on one batch (one network after another,
+  not vmapped: see the module docstring)."""
+  eval_step = make_eval_step(apply_fn)
+
+  def correct(stacked_params, batch):
+    num_nets = len(jax.tree.leaves(stacked_params)[0])
+    return jnp.stack([
+        eval_step({"params": jax.tree.map(lambda leaf: leaf[k], stacked_params)},
+                  batch)["eval/correct"] for k in range(num_nets)])
+
   if mesh is not None:
     correct = jax.shard_map(correct, mesh=mesh, in_specs=(_NETS, _SHARED), out_specs=_NETS)
   return correct(stacked_params, batch)
@@ -141,33 +158,34 @@ def train_networks(apply_fn, init_params: Callable, images, labels, *, num_nets:
   states = _init_states(keys, init_params=init_params, momentum=momentum,
                         weight_decay=weight_decay)
   rngs = [np.random.default_rng([seed, k]) for k in range(num_nets)]
-  static = dict(apply_fn=apply_fn, augment=augment, momentum=momentum, weight_decay=weight_decay)
 
-  def plans():  # per epoch, per network: list of (indices, mask)
-    return [list(epoch_batches(rng, len(images), batch_size)) for rng in rngs]
-
-  step_key = lambda t: jax.random.fold_in(jax.random.key(seed + 1), t)
-  if vectorize:
-    place = lambda x: x
-    if mesh is not None:
-      states = jax.device_put(states, NamedSharding(mesh, _NETS))
-      images, labels = jax.device_put((images, labels), NamedSharding(mesh, _SHARED))
-      place = lambda x: jax.device_put(x, NamedSharding(mesh, _NETS))
+  def steps():  # per step t: (key, K indices `[B]`, K masks `[B]`)
     t = 0
     for _ in range(epochs):
-      for batches in zip(*plans()):
-        idx, mask = (place(np.stack(a)) for a in zip(*batches))
-        states = _all_networks_step(states, images, labels, idx, mask, step_key(t), lr,
-                                    decay_step, mesh=mesh, **static)
+      for batches in zip(*[list(epoch_batches(rng, len(images), batch_size)) for rng in rngs]):
+        yield (jax.random.fold_in(jax.random.key(seed + 1), t), *zip(*batches))
         t += 1
+
+  hparams = dict(lr=lr, decay_step=decay_step, apply_fn=apply_fn, momentum=momentum,
+                 weight_decay=weight_decay)
+  if mesh is not None:
+    states = jax.device_put(states, NamedSharding(mesh, _NETS))
+    images, labels = jax.device_put((images, labels), NamedSharding(mesh, _SHARED))
+    place = lambda x: jax.device_put(np.stack(x), NamedSharding(mesh, _NETS))
+    for key, idx, mask in steps():
+      states = _sharded_networks_step(states, images, labels, place(idx), place(mask), key,
+                                      augment=augment, mesh=mesh, **hparams)
     return states.params
   states = [jax.tree.map(lambda leaf: leaf[k], states) for k in range(num_nets)]
-  for epoch in range(epochs):
-    for k, batches in enumerate(plans()):
-      for j, (idx, mask) in enumerate(batches):
-        states[k] = _one_network_step(states[k], images, labels, idx, mask,
-                                      step_key(epoch * len(batches) + j), lr, decay_step,
-                                      **static)
+  for key, idx, mask in steps():
+    if vectorize:
+      xs, ys = _network_batches(images, labels, np.stack(idx), key, augment=augment)
+      for k in range(num_nets):
+        states[k] = _network_update(states[k], xs[k], ys[k], mask[k], key, **hparams)
+    else:
+      for k in range(num_nets):
+        states[k] = _one_network_step(states[k], images, labels, idx[k], mask[k], key,
+                                      augment=augment, **hparams)
   return jax.tree.map(lambda *p: jnp.stack(p), *[s.params for s in states])
 
 

@@ -1,9 +1,11 @@
-"""K-network evaluation on a mesh equals one device; bad meshes raise; lr reuses the compile."""
+"""K-network evaluation: together = one after another = on a mesh (with DSA); bad meshes raise;
+a new lr or epoch count reuses the compiled steps."""
 import jax
 import numpy as np
 import pytest
 
 from dd_tiny_model import TinyConvNet, tiny_model
+from kd_jax.data.dsa import diff_augment
 from kd_jax.dataset_distill import evaluate
 from kd_jax.models import init_model
 from kd_jax.sharding import make_mesh
@@ -16,22 +18,32 @@ def setup():
   rng = np.random.default_rng(0)
   images = rng.standard_normal((12, 8, 8, 1)).astype(np.float32)
   labels = np.arange(12, dtype=np.int32) % 3
-  flip = lambda x, key: jax.numpy.where(jax.random.bernoulli(key), x[:, :, ::-1], x)
-  return apply_fn, init_params, images, labels, flip
+  dsa = lambda x, key: diff_augment(x, key, strategy="flip_cutout")  # per-image draws
+  return apply_fn, init_params, images, labels, dsa
 
 
 @pytest.fixture(scope="module")
 def one_device(setup):
-  apply_fn, init_params, images, labels, flip = setup
+  apply_fn, init_params, images, labels, dsa = setup
   return evaluate.evaluate_set(apply_fn, init_params, images, labels, images, labels,
-                               num_nets=8, lr=0.05, epochs=2, batch_size=5, augment=flip)
+                               num_nets=8, lr=0.05, epochs=2, batch_size=5, augment=dsa)
+
+
+def test_together_with_shared_dsa_equals_one_after_another(setup):
+  apply_fn, init_params, images, labels, dsa = setup
+  kwargs = dict(num_nets=3, lr=0.05, epochs=2, batch_size=5, augment=dsa, seed=1)
+  together = evaluate.train_networks(apply_fn, init_params, images, labels, **kwargs)
+  apart = evaluate.train_networks(apply_fn, init_params, images, labels, vectorize=False,
+                                  **kwargs)
+  for a, b in zip(jax.tree.leaves(together), jax.tree.leaves(apart)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("axes", [(("data", 8),), (("data", 4), ("fsdp", 2))])
 def test_sharded_networks_equal_one_device(setup, one_device, axes):
-  apply_fn, init_params, images, labels, flip = setup
+  apply_fn, init_params, images, labels, dsa = setup
   mesh = make_mesh(axes)
-  kwargs = dict(num_nets=8, lr=0.05, epochs=2, batch_size=5, augment=flip)
+  kwargs = dict(num_nets=8, lr=0.05, epochs=2, batch_size=5, augment=dsa)
   sharded = evaluate.train_networks(apply_fn, init_params, images, labels, mesh=mesh, **kwargs)
   leaf = jax.tree.leaves(sharded)[0]
   assert leaf.sharding.spec[0] == "data" and len(leaf.sharding.device_set) == 8
@@ -60,13 +72,18 @@ def test_bad_mesh_or_arguments_raise(setup):
                             **{**kwargs, "lr": -0.01})
 
 
-def test_new_lr_or_epochs_reuse_the_compiled_step(setup):
-  apply_fn, init_params, images, labels, _ = setup
-  run = lambda lr, epochs: evaluate.train_networks(apply_fn, init_params, images, labels,
-                                                   num_nets=2, lr=lr, epochs=epochs, batch_size=5)
-  first = run(0.05, 1)
-  compiled = evaluate._all_networks_step._cache_size()  # pylint: disable=protected-access
-  second = run(0.01, 3)
-  assert evaluate._all_networks_step._cache_size() == compiled  # pylint: disable=protected-access
+def test_new_lr_or_epochs_reuse_the_compiled_steps(setup):
+  apply_fn, init_params, images, labels, dsa = setup
+  mesh = make_mesh((("data", 2), ("fsdp", 4)))
+  run = lambda lr, epochs, **kw: evaluate.train_networks(
+      apply_fn, init_params, images, labels, num_nets=2, lr=lr, epochs=epochs, batch_size=5,
+      augment=dsa, **kw)
+  jitted = [evaluate._init_states, evaluate._network_batches,  # pylint: disable=protected-access
+            evaluate._network_update, evaluate._sharded_networks_step]  # pylint: disable=protected-access
+  first = run(0.05, 1), run(0.05, 1, mesh=mesh)
+  compiled = [f._cache_size() for f in jitted]  # pylint: disable=protected-access
+  second = run(0.01, 3), run(0.01, 3, mesh=mesh)
+  assert [f._cache_size() for f in jitted] == compiled  # pylint: disable=protected-access
   kernel = lambda params: max(jax.tree.leaves(params), key=lambda leaf: leaf.size)
-  assert not np.allclose(kernel(first), kernel(second))
+  for a, b in zip(first, second):
+    assert not np.allclose(kernel(a), kernel(b))
