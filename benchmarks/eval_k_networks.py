@@ -1,22 +1,29 @@
 """Evaluation protocol speed: K networks trained together vs one after another (and on a mesh).
 
     PYTHONPATH=. python benchmarks/eval_k_networks.py --epochs=50
+    git show 35e3959:kd_jax/dataset_distill/evaluate.py > /tmp/evaluate_35e3959.py
+    PYTHONPATH=. python benchmarks/eval_k_networks.py --epochs=50 \
+        --baseline=/tmp/evaluate_35e3959.py   # also the vmap evaluate.py of commit 35e3959
     PYTHONPATH=. python benchmarks/eval_k_networks.py --num_nets=6 --devices=2 --epochs=50
     PYTHONPATH=. python benchmarks/eval_k_networks.py --size=32 --channels=3 --depth=3 \
         --width=128 --num_nets=2 --epochs=2
 
 Trains K fresh ConvNets (depth 2, width 32 at 8×8 — the digits setting; --size=32 --channels=3
 --depth=3 --width=128 for MTT's) on random images with DSA. Prints, side by side:
-1. one training step of K networks, compiled: `jax.vmap` of the one-network step (what
-   `evaluate.py` did before: vmap turns each conv into a grouped conv, `feature_group_count=K`),
-   the one-network step K times, and XLA's flop count of each;
-2. `kd_jax.dataset_distill.evaluate.train_networks` end to end, `vectorize=True` (together:
-   the K batches in one call, then K one-network updates) and `vectorize=False` (one network
-   after another, each with its own gather and DSA), and with `--devices=N` > 1 also on a mesh
-   `data=N` of N CPU devices (one jitted step, K / N networks per device): the first call
-   (compile included) and a second call (compiled steps reused).
+1. one training step of K networks, compiled: `jax.vmap` of the one-network step (vmap turns
+   each conv into a grouped conv, `feature_group_count=K`), the one-network step K times, and
+   XLA's flop count of each;
+2. `kd_jax.dataset_distill.evaluate.train_networks` called `--calls` times in a row with a new
+   lr each time (as a distillation run evaluates its set: learned lr, fixed lr, curve points),
+   `vectorize=True` (together: the K batches in one call, then K one-network updates) and
+   `vectorize=False` (one network after another, each with its own gather and DSA); with
+   `--devices=N` > 1 also on a mesh `data=N` of N CPU devices (one jitted step, K / N networks
+   per device); with `--baseline=FILE` also another evaluate.py's `train_networks`. Each way
+   starts from empty compile caches: its first call includes compiling.
 """
 import argparse
+import functools
+import importlib.util
 import os
 import platform
 import time
@@ -35,6 +42,10 @@ def parse_flags():
   parser.add_argument("--devices", type=int, default=1,
                       help="CPU devices (XLA_FLAGS, set before jax is imported)")
   parser.add_argument("--no_dsa", action="store_true")
+  parser.add_argument("--calls", type=int, default=3,
+                      help="train_networks calls in a row, each with a new lr (at least 2)")
+  parser.add_argument("--baseline", default="",
+                      help="another evaluate.py (e.g. from `git show REV:path`) to time as well")
   return parser.parse_args()
 
 
@@ -110,26 +121,37 @@ def main():
   one_step(apply_fn, init_params, augment, jax.numpy.asarray(images), jax.numpy.asarray(labels),
            batch)
 
-  ways = {"together (vectorize=True)": dict(vectorize=True),
-          "one after another (vectorize=False)": dict(vectorize=False)}
+  train = {"": train_networks}
+  if FLAGS.baseline:
+    spec = importlib.util.spec_from_file_location("baseline_evaluate", FLAGS.baseline)
+    baseline = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(baseline)
+    train[f" [{os.path.basename(FLAGS.baseline)}]"] = baseline.train_networks
+  ways = {}
+  for suffix, fn in train.items():
+    ways[f"together (vectorize=True){suffix}"] = functools.partial(fn, vectorize=True)
+    ways[f"one after another (vectorize=False){suffix}"] = functools.partial(fn, vectorize=False)
   if FLAGS.devices > 1:
-    ways[f"together on mesh data={FLAGS.devices}"] = dict(
-        mesh=make_mesh((("data", FLAGS.devices),)))
-  print(f"train_networks, {FLAGS.epochs} epochs: first call (with compile) / again (compiled):")
-  times = {}
-  for name, kwargs in ways.items():
-    run = lambda: train_networks(apply_fn, init_params, images, labels, num_nets=FLAGS.num_nets,
-                                 lr=0.01, epochs=FLAGS.epochs, batch_size=FLAGS.batch_size,
-                                 augment=augment, **kwargs)
+    ways[f"together on mesh data={FLAGS.devices}"] = functools.partial(
+        train_networks, mesh=make_mesh((("data", FLAGS.devices),)))
+  print(f"train_networks, {FLAGS.epochs} epochs, {FLAGS.calls} calls in a row with lr 0.01, "
+        "0.02, ... (as a distillation run's evaluations): first call (with compile) / each later "
+        "call / all calls:")
+  later, total = {}, {}
+  for name, fn in ways.items():
+    run = lambda lr, fn=fn: fn(apply_fn, init_params, images, labels, num_nets=FLAGS.num_nets,
+                               lr=lr, epochs=FLAGS.epochs, batch_size=FLAGS.batch_size,
+                               augment=augment)
     jax.clear_caches()  # each way's first call compiles everything it uses
-    first = seconds(run)
-    times[name] = seconds(run)
-    print(f"  {name:>40}: {first:6.2f} s / {times[name]:6.2f} s "
-          f"({1e3 * times[name] / steps:.1f} ms per step of {FLAGS.num_nets} networks)",
+    calls = [seconds(lambda i=i: run(0.01 * (i + 1))) for i in range(FLAGS.calls)]
+    later[name], total[name] = np.mean(calls[1:]), sum(calls)
+    print(f"  {name:>50}: {calls[0]:6.2f} s / {later[name]:6.2f} s / {total[name]:6.2f} s "
+          f"({1e3 * later[name] / steps:.1f} ms per step of {FLAGS.num_nets} networks)",
           flush=True)
-  sequential = times["one after another (vectorize=False)"]
-  for name, t in times.items():
-    print(f"  speed-up over one after another, compiled: {sequential / t:.2f}x  {name}")
+  reference = "one after another (vectorize=False)"
+  for name in ways:
+    print(f"  over {reference}: {later[reference] / later[name]:.2f}x per later call, "
+          f"{total[reference] / total[name]:.2f}x in all  {name}")
   print(f"load average after: {os.getloadavg()[0]:.2f}")
 
 

@@ -149,7 +149,8 @@ def train_networks(apply_fn, init_params: Callable, images, labels, *, num_nets:
     raise ValueError(f"evaluation lr must be > 0, got {lr} (a learned lr can go negative: use "
                      "the fixed-lr evaluation)")
   if mesh is not None and not vectorize:
-    raise ValueError("a mesh splits the networks of the joint step; use vectorize=True with it")
+    raise ValueError("a mesh splits the networks trained together: use vectorize=True with it "
+                     "(vectorize=False is the one-device reference)")
   _check_mesh(mesh, num_nets)
   batch_size = min(batch_size, len(images))
   decay_step = (epochs // 2) * -(-len(images) // batch_size)
@@ -166,7 +167,7 @@ def train_networks(apply_fn, init_params: Callable, images, labels, *, num_nets:
         yield (jax.random.fold_in(jax.random.key(seed + 1), t), *zip(*batches))
         t += 1
 
-  hparams = dict(lr=lr, decay_step=decay_step, apply_fn=apply_fn, momentum=momentum,
+  step_args = dict(lr=lr, decay_step=decay_step, apply_fn=apply_fn, momentum=momentum,
                  weight_decay=weight_decay)
   if mesh is not None:
     states = jax.device_put(states, NamedSharding(mesh, _NETS))
@@ -174,18 +175,18 @@ def train_networks(apply_fn, init_params: Callable, images, labels, *, num_nets:
     place = lambda x: jax.device_put(np.stack(x), NamedSharding(mesh, _NETS))
     for key, idx, mask in steps():
       states = _sharded_networks_step(states, images, labels, place(idx), place(mask), key,
-                                      augment=augment, mesh=mesh, **hparams)
+                                      augment=augment, mesh=mesh, **step_args)
     return states.params
   states = [jax.tree.map(lambda leaf: leaf[k], states) for k in range(num_nets)]
   for key, idx, mask in steps():
     if vectorize:
       xs, ys = _network_batches(images, labels, np.stack(idx), key, augment=augment)
       for k in range(num_nets):
-        states[k] = _network_update(states[k], xs[k], ys[k], mask[k], key, **hparams)
+        states[k] = _network_update(states[k], xs[k], ys[k], mask[k], key, **step_args)
     else:
       for k in range(num_nets):
         states[k] = _one_network_step(states[k], images, labels, idx[k], mask[k], key,
-                                      augment=augment, **hparams)
+                                      augment=augment, **step_args)
   return jax.tree.map(lambda *p: jnp.stack(p), *[s.params for s in states])
 
 
