@@ -1,5 +1,6 @@
 """K-network evaluation: together = one after another = on a mesh (with DSA); bad meshes raise;
 a new lr or epoch count reuses the compiled steps."""
+# pylint: disable=protected-access
 import jax
 import numpy as np
 import pytest
@@ -22,11 +23,16 @@ def setup():
   return apply_fn, init_params, images, labels, dsa
 
 
+NETS_ON_MESH = dict(num_nets=8, lr=0.05, epochs=2, batch_size=5)
+
+
 @pytest.fixture(scope="module")
 def one_device(setup):
+  """(params, accuracies) of the networks of NETS_ON_MESH trained on one device."""
   apply_fn, init_params, images, labels, dsa = setup
-  return evaluate.evaluate_set(apply_fn, init_params, images, labels, images, labels,
-                               num_nets=8, lr=0.05, epochs=2, batch_size=5, augment=dsa)
+  params = evaluate.train_networks(apply_fn, init_params, images, labels, augment=dsa,
+                                   **NETS_ON_MESH)
+  return params, evaluate.networks_accuracy(apply_fn, params, images, labels)
 
 
 def test_together_with_shared_dsa_equals_one_after_another(setup):
@@ -43,16 +49,16 @@ def test_together_with_shared_dsa_equals_one_after_another(setup):
 def test_sharded_networks_equal_one_device(setup, one_device, axes):
   apply_fn, init_params, images, labels, dsa = setup
   mesh = make_mesh(axes)
-  kwargs = dict(num_nets=8, lr=0.05, epochs=2, batch_size=5, augment=dsa)
-  sharded = evaluate.train_networks(apply_fn, init_params, images, labels, mesh=mesh, **kwargs)
+  params, accuracies = one_device
+  sharded = evaluate.train_networks(apply_fn, init_params, images, labels, augment=dsa,
+                                    mesh=mesh, **NETS_ON_MESH)
   leaf = jax.tree.leaves(sharded)[0]
   assert leaf.sharding.spec[0] == "data" and len(leaf.sharding.device_set) == 8
-  reference = evaluate.train_networks(apply_fn, init_params, images, labels, **kwargs)
-  for a, b in zip(jax.tree.leaves(sharded), jax.tree.leaves(reference)):
+  for a, b in zip(jax.tree.leaves(sharded), jax.tree.leaves(params)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
   result = evaluate.evaluate_set(apply_fn, init_params, images, labels, images, labels,
-                                 mesh=mesh, **kwargs)
-  np.testing.assert_allclose(result["accuracies"], one_device["accuracies"], rtol=1e-5)
+                                 augment=dsa, mesh=mesh, **NETS_ON_MESH)
+  np.testing.assert_allclose(result["accuracies"], accuracies, rtol=1e-5)
 
 
 def test_bad_mesh_or_arguments_raise(setup):
@@ -78,12 +84,12 @@ def test_new_lr_or_epochs_reuse_the_compiled_steps(setup):
   run = lambda lr, epochs, **kw: evaluate.train_networks(
       apply_fn, init_params, images, labels, num_nets=2, lr=lr, epochs=epochs, batch_size=5,
       augment=dsa, **kw)
-  jitted = [evaluate._init_states, evaluate._network_batches,  # pylint: disable=protected-access
-            evaluate._network_update, evaluate._sharded_networks_step]  # pylint: disable=protected-access
+  jitted = [evaluate._init_states, evaluate._network_batches, evaluate._network_update,
+            evaluate._sharded_networks_step]
   first = run(0.05, 1), run(0.05, 1, mesh=mesh)
-  compiled = [f._cache_size() for f in jitted]  # pylint: disable=protected-access
+  compiled = [f._cache_size() for f in jitted]
   second = run(0.01, 3), run(0.01, 3, mesh=mesh)
-  assert [f._cache_size() for f in jitted] == compiled  # pylint: disable=protected-access
+  assert [f._cache_size() for f in jitted] == compiled
   kernel = lambda params: max(jax.tree.leaves(params), key=lambda leaf: leaf.size)
   for a, b in zip(first, second):
     assert not np.allclose(kernel(a), kernel(b))
