@@ -70,8 +70,7 @@ def distill(trajectories: np.ndarray, apply_fn, unravel: Callable, synthetic: Sy
                      f"plus expert_epochs = {config.expert_epochs} exceed the experts' "
                      f"{num_epochs - 1} epochs; lower them or train longer experts")
   learn_labels = synthetic.label_kind == "logits"
-  step = make_inner_step(apply_fn, unravel, label_kind=synthetic.label_kind, augment=augment,
-                         mesh=mesh)
+  step = make_inner_step(apply_fn, unravel, label_kind=synthetic.label_kind, augment=augment)
   matcher = TrajectoryMatcher(step, mode=config.mode, learn_labels=learn_labels,
                               segments=config.segments, mesh=mesh)
   optimizers = {"images": optax.sgd(config.lr_img, momentum=0.5),

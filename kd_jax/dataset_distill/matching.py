@@ -20,7 +20,6 @@ Gradient modes (DESIGN.md §4):
 The steps are separate jitted calls driven from Python, never `lax.scan`: on XLA:CPU a conv net
 inside a while loop runs 40–70× slower.
 """
-import functools
 from typing import Callable, NamedTuple
 
 import jax
@@ -71,7 +70,7 @@ class InnerStep:
 
 
 def make_inner_step(apply_fn, unravel: Callable, *, label_kind: str = "hard",
-                    augment: Callable | None = None, mesh: Mesh | None = None) -> InnerStep:
+                    augment: Callable | None = None) -> InnerStep:
   """Returns the `InnerStep` of cross-entropy SGD on synthetic minibatches.
 
   The loss is the KD job's training loss (`train_step.make_loss_fn` with the label-only
@@ -83,7 +82,6 @@ def make_inner_step(apply_fn, unravel: Callable, *, label_kind: str = "hard",
     unravel: maps a flat `[P]` vector to the params tree (from `ravel_pytree`).
     label_kind: how `labels` become targets, see `label_targets`.
     augment: `augment(images, key) -> images`, e.g. DSA; None for no augmentation.
-    mesh: when given, the minibatch is split over its `data` (and `fsdp`) axes.
   The step's arguments: theta `[P]`; images `[S, H, W, C]`; labels `[S]` int or `[S, C]`;
   lr scalar α; indices `[batch_syn]` int; key a PRNG key fixing this step's augmentation.
   """
@@ -93,10 +91,7 @@ def make_inner_step(apply_fn, unravel: Callable, *, label_kind: str = "hard",
   train_loss = make_loss_fn(apply_fn, None, make_kd_objective(None))
 
   def loss(theta, images, labels, indices, key):
-    x = images[indices]
-    if mesh is not None and sharding.batch_axes(mesh):
-      x = jax.lax.with_sharding_constraint(
-          x, NamedSharding(mesh, PartitionSpec(sharding.batch_axes(mesh))))
+    x = images[indices]  # split over devices like `indices` (TrajectoryMatcher places them)
     if augment is not None:
       x = augment(x, key)
     batch = {"image": x, "label": label_targets(labels[indices], label_kind)}
@@ -120,10 +115,14 @@ class TrajectoryMatcher:
   (G (expert, start epoch) segments, vmapped) and the loss is the mean of the G segments' losses.
   `learn_labels=False` treats labels as constants (hard labels or fixed probabilities).
 
+  The G segments run one after another inside each jitted piece: `jax.vmap` would batch the
+  network's weights, turning every convolution into a grouped one (4.5× slower per segment
+  on XLA:CPU, benchmarks/dd_sharding.py).
+
   `mesh` (from `kd_jax.sharding.make_mesh`): θ, images, labels and lr are replicated; each
   minibatch is split over the mesh's `data` (and `fsdp`) axes, and the G segments over its
-  `segment` axis, one segment per device group. No pmap: the jitted pieces follow the
-  shardings of their inputs. Results equal the 1-device ones up to summation order.
+  `segment` axis (`jax.shard_map`, manual over `segment` only): each device group runs its
+  G / |segment| segments. No pmap. Results equal the 1-device ones up to summation order.
 
   The jitted pieces are public for memory analysis: `step` (forward step), `vjp_step`
   (exact/tesla backward step) and `unrolled` (the whole unrolled value-and-grad).
@@ -145,19 +144,34 @@ class TrajectoryMatcher:
     self.mesh = mesh
     self._batch_axes = (sharding.batch_axes(mesh) or None) if mesh is not None else None
     self._step_fn = step_fn
-    batched = functools.partial(jax.vmap, spmd_axis_name=_segment_axis(mesh))
     step, backward, segment_loss = step_fn, self._backward_step, self._segment_unrolled_loss
     self._distance = parameter_distance_loss
     if segments > 1:
-      step = batched(step, in_axes=(0, None, None, None, 0, 0))
-      backward = batched(backward, in_axes=(0, None, None, None, 0, 0, 0))
-      segment_loss = batched(segment_loss, in_axes=(None, None, 0, 0, 0, 0))
+      step = self._per_segment(step, (0, None, None, None, 0, 0))
+      backward = self._per_segment(backward, (0, None, None, None, 0, 0, 0))
+      segment_loss = self._per_segment(segment_loss, (None, None, 0, 0, 0, 0))
       self._distance = jax.vmap(parameter_distance_loss)
     self._backward, self._segment_loss = backward, segment_loss
     self.step = jax.jit(step)
     self.vjp_step = jax.jit(self._vjp_step, donate_argnums=(7,))
     self.unrolled = jax.jit(self._unrolled)
     self.loss_and_cotangent = jax.jit(jax.value_and_grad(self._matching_loss))
+
+  def _per_segment(self, fn: Callable, in_axes: tuple) -> Callable:
+    """`fn` mapped over the leading segment axis of the arguments whose `in_axes` entry is 0,
+    outputs stacked; on a mesh with a `segment` axis each device group maps its own share."""
+    def mapped(*args):
+      count = next(a.shape[0] for a, axis in zip(args, in_axes) if axis == 0)
+      outs = [fn(*(a[j] if axis == 0 else a for a, axis in zip(args, in_axes)))
+              for j in range(count)]
+      return jax.tree.map(lambda *o: jnp.stack(o), *outs)
+
+    axis = _segment_axis(self.mesh)
+    if axis is None:
+      return mapped
+    specs = tuple(PartitionSpec(axis) if a == 0 else PartitionSpec() for a in in_axes)
+    return jax.shard_map(mapped, mesh=self.mesh, in_specs=specs, out_specs=PartitionSpec(axis),
+                         axis_names={axis}, check_vma=False)
 
   def _data(self, images, labels) -> dict:
     return {"images": images, **({"labels": labels} if self.learn_labels else {})}

@@ -39,7 +39,7 @@ def _problem():
 
 
 def _matcher(model, mode="exact", mesh=None, segments=1):
-  step = make_inner_step(*model, label_kind="logits", augment=_flip, mesh=mesh)
+  step = make_inner_step(*model, label_kind="logits", augment=_flip)
   return TrajectoryMatcher(step, mode=mode, learn_labels=True, segments=segments, mesh=mesh)
 
 
@@ -67,22 +67,26 @@ def test_segments_average_the_single_segment_losses_and_gradients():
     _assert_same(_call(_matcher(model, mode, segments=SEGMENTS), shared, segments), mean)
 
 
-@pytest.mark.parametrize("axes,segments", [((("data", 8),), 1),
-                                           ((("segment", 2), ("data", 4)), SEGMENTS)])
-def test_sharded_matching_equals_one_device(axes, segments):
+@pytest.mark.parametrize("axes,segments,mode", [
+    ((("data", 8),), 1, "exact"),
+    ((("segment", 2), ("data", 4)), SEGMENTS, "exact"),
+    ((("segment", 2), ("data", 4)), SEGMENTS, "unrolled")])
+def test_sharded_matching_equals_one_device(axes, segments, mode):
   model, shared, all_segments = _problem()
   segs = all_segments if segments > 1 else tuple(x[0] for x in all_segments)
   mesh = make_mesh(axes)
-  sharded = _matcher(model, mesh=mesh, segments=segments)
-  _assert_same(_call(sharded, shared, segs), _call(_matcher(model, segments=segments), shared, segs))
-  # The inner step really is split: each device holds 1/8 of a segment's minibatch.
+  sharded = _matcher(model, mode, mesh=mesh, segments=segments)
+  _assert_same(_call(sharded, shared, segs),
+               _call(_matcher(model, "exact", segments=segments), shared, segs))
+  # The inner step really is split: each device convolves its share of one segment's minibatch.
   starts, _, indices, keys = segs
   images, labels, lr = shared
   step_hlo = sharded.step.lower(sharded._place(starts), images, labels, lr,
                                 sharded._batch(indices, 0), keys[..., 0]).compile().as_text()
+  per_device = BATCH_SYN // mesh.shape["data"]
+  convs = [line for line in step_hlo.splitlines() if " convolution(" in line]
+  assert convs and all(f"f32[{per_device},8,8,4]" in line for line in convs[:1]), convs[:1]
   assert "all-reduce" in step_hlo
-  local = sharded._batch(indices, 0).addressable_shards[0].data
-  assert local.size == indices[..., 0, :].size // 8
 
 
 def test_bad_mesh_for_batch_or_segments_raises():
