@@ -21,10 +21,12 @@
   the matched θ is one flat vector, replicated)
   eval.num_nets, eval.epochs, eval.batch_size, eval.fixed_lr, eval.every (iterations; 0 = end
   only), eval.curve_nets, eval.full_data_epochs (0 = skip full-data training), eval.vectorize
+  (networks trained together, split over gcd(networks, local devices) devices)
 Outputs in workdir: experts/ (buffer), distilled.npz + distilled.json, zca.npz (if ZCA),
 synthetic_images.png, accuracy_curve.png, results.json.
 """
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -73,6 +75,14 @@ def _logits_fn(apply_fn, unravel):
   return lambda theta, images: np.concatenate(
       [np.asarray(logits(jnp.asarray(theta), images[i:i + 500]))
        for i in range(0, len(images), 500)])
+
+
+def _networks_mesh(num_nets: int):
+  """A `data` mesh over as many of this host's devices as split `num_nets` networks evenly
+  (the evaluation trains networks, not minibatches, in parallel); None on one device."""
+  devices = jax.local_devices()
+  size = math.gcd(num_nets, len(devices))
+  return sharding.make_mesh(((sharding.DATA_AXIS, size),), devices[:size]) if size > 1 else None
 
 
 def run(config, workdir) -> dict:
@@ -125,7 +135,8 @@ def run(config, workdir) -> dict:
                      seed=config.seed + 1000, augment=augment, vectorize=config.eval.vectorize)
   targets = lambda s: np.asarray(label_targets(s.labels, s.label_kind))
   evaluate = lambda x, y, lr, nets, **kw: evaluate_set(
-      apply_fn, init_params, x, y, test_x, test_y, num_nets=nets, lr=lr, **{**eval_kwargs, **kw})
+      apply_fn, init_params, x, y, test_x, test_y, num_nets=nets, lr=lr,
+      mesh=_networks_mesh(nets) if config.eval.vectorize else None, **{**eval_kwargs, **kw})
 
   curve = []
 
