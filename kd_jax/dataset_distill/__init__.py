@@ -2,8 +2,9 @@
 
 Pieces: `experts` (expert trajectory buffers), `matching` (inner steps and the exact /
 TESLA / unrolled matching gradient), `synthetic` (initial images and labels), `datm`
-(start-epoch windows), `distill` (the loop), `evaluate` (K networks, vmap), `distilled_set`
-(files), `plots`, and `run.run(config, workdir)` for the `distill_dataset` job.
+(start-epoch windows), `distill` (the loop), `evaluate` (K networks trained together,
+optionally split over devices), `distilled_set` (files), `plots`, and `run.run(config,
+workdir)` for the `distill_dataset` job.
 """
 from kd_jax.dataset_distill.datm import StartWindow, datm_window, mtt_window, should_update
 from kd_jax.dataset_distill.distill import MatchingConfig, SyntheticSet, distill

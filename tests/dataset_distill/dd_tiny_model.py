@@ -1,6 +1,8 @@
 """A tiny conv net for fast dataset-distillation tests (stateless, like MTT's ConvNet)."""
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 from kd_jax.models import ModelOutput, init_model, make_apply_fn
 
@@ -24,3 +26,11 @@ def tiny_model(rng, *, num_classes=3, image_shape=(8, 8, 1), dtype=jnp.float32):
   module = TinyConvNet(num_classes=num_classes, dtype=dtype)
   params, _ = init_model(module, rng, (1, *image_shape))
   return make_apply_fn(module), params
+
+
+def tiny_problem(num_images=12):
+  """(apply_fn, init_params, images `[num_images, 8, 8, 1]`, labels cycling over 3 classes)."""
+  apply_fn, _ = tiny_model(jax.random.key(0))
+  init_params = lambda key: init_model(TinyConvNet(num_classes=3), key, (1, 8, 8, 1))[0]
+  images = np.random.default_rng(0).standard_normal((num_images, 8, 8, 1)).astype(np.float32)
+  return apply_fn, init_params, images, np.arange(num_images, dtype=np.int32) % 3

@@ -5,22 +5,16 @@ import jax
 import numpy as np
 import pytest
 
-from dd_tiny_model import TinyConvNet, tiny_model
+from dd_tiny_model import tiny_problem
 from kd_jax.data.dsa import diff_augment
 from kd_jax.dataset_distill import evaluate
-from kd_jax.models import init_model
 from kd_jax.sharding import make_mesh
 
 
 @pytest.fixture(scope="module")
 def setup():
-  apply_fn, _ = tiny_model(jax.random.key(0))
-  init_params = lambda key: init_model(TinyConvNet(num_classes=3), key, (1, 8, 8, 1))[0]
-  rng = np.random.default_rng(0)
-  images = rng.standard_normal((12, 8, 8, 1)).astype(np.float32)
-  labels = np.arange(12, dtype=np.int32) % 3
   dsa = lambda x, key: diff_augment(x, key, strategy="flip_cutout")  # per-image draws
-  return apply_fn, init_params, images, labels, dsa
+  return (*tiny_problem(), dsa)
 
 
 NETS_ON_MESH = dict(num_nets=8, lr=0.05, epochs=2, batch_size=5)

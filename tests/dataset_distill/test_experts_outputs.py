@@ -5,24 +5,18 @@ import jax
 import numpy as np
 import pytest
 
-from dd_tiny_model import TinyConvNet, tiny_model
+from dd_tiny_model import tiny_problem
 from kd_jax.data import ArrayDataSource
 from kd_jax.dataset_distill import experts as experts_lib
 from kd_jax.dataset_distill.distilled_set import load_distilled, save_distilled
 from kd_jax.dataset_distill.evaluate import networks_accuracy, train_networks
-from kd_jax.models import init_model
 
 META = {"model": "tiny", "model_kwargs": {}, "num_classes": 3, "image_shape": [8, 8, 1]}
 
 
 @pytest.fixture(scope="module")
 def setup():
-  apply_fn, _ = tiny_model(jax.random.key(0))
-  init_params = lambda key: init_model(TinyConvNet(num_classes=3), key, (1, 8, 8, 1))[0]
-  rng = np.random.default_rng(0)
-  images = rng.standard_normal((12, 8, 8, 1)).astype(np.float32)
-  labels = np.arange(12, dtype=np.int32) % 3
-  return apply_fn, init_params, images, labels
+  return tiny_problem()
 
 
 def _train(directory, setup, **overrides):

@@ -6,11 +6,10 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from dd_tiny_model import TinyConvNet, tiny_model
+from dd_tiny_model import tiny_model, tiny_problem
 from kd_jax.data.dsa import diff_augment
 from kd_jax.dataset_distill.experts import train_expert
 from kd_jax.dataset_distill.matching import TrajectoryMatcher, make_inner_step, minibatch_plan
-from kd_jax.models import init_model
 from kd_jax.sharding import make_mesh
 
 NUM_STEPS, NUM_IMAGES, BATCH_SYN, SEGMENTS = 2, 16, 8, 2
@@ -103,11 +102,7 @@ def test_bad_mesh_for_batch_or_segments_raises():
 
 
 def test_sharded_expert_equals_one_device():
-  apply_fn, _ = tiny_model(jax.random.key(0))
-  init_params = lambda key: init_model(TinyConvNet(num_classes=3), key, (1, 8, 8, 1))[0]
-  rng = np.random.default_rng(0)
-  images = rng.standard_normal((20, 8, 8, 1)).astype(np.float32)
-  labels = np.arange(20, dtype=np.int32) % 3
+  apply_fn, init_params, images, labels = tiny_problem(20)
   kwargs = dict(epochs=2, lr=0.1, batch_size=8, seed=0, augment=_flip)  # last batch padded
   one = train_expert(apply_fn, init_params, images, labels, **kwargs)
   sharded = train_expert(apply_fn, init_params, images, labels, mesh=make_mesh((("data", 8),)),
