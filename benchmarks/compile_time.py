@@ -18,6 +18,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import results_log  # noqa: E402  (benchmarks/, the script's folder)
 
 JOBS = {  # name: (teacher, student, num_classes, image shape, train batch, eval batch)
     "digits": ("digits_cnn_teacher", "digits_cnn_student", 10, (8, 8, 1), 64, 500),
@@ -115,4 +116,6 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  with results_log.recorded("Compile time of the KD job's steps, cold and with the persistent "
+                            "cache", enabled="--child" not in sys.argv):
+    main()

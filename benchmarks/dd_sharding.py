@@ -36,6 +36,7 @@ from kd_jax.dataset_distill.matching import (TrajectoryMatcher, make_inner_step,
                                              minibatch_plan)
 from kd_jax.models import create_model, init_model, make_apply_fn  # noqa: E402
 from kd_jax.sharding import make_mesh  # noqa: E402
+import results_log  # noqa: E402  (benchmarks/, the script's folder)
 
 MIB = 2.0 ** 20
 
@@ -112,4 +113,5 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  with results_log.recorded("Trajectory matching on a mesh: per-device memory, time per segment"):
+    main()

@@ -17,6 +17,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import digits_kd  # noqa: E402  pylint: disable=g-import-not-at-top
 from kd_jax import kd_job  # noqa: E402  pylint: disable=g-import-not-at-top
+import results_log  # noqa: E402  (benchmarks/, the script's folder)
 
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/digits_sweep", "Where runs are written.")
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds.")
@@ -62,4 +63,5 @@ def main(_):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  with results_log.recorded("Digits KD recipe sweep (validation split)"):
+    app.run(main)

@@ -64,6 +64,7 @@ from kd_jax.dataset_distill.experts import make_indexed_train_step  # noqa: E402
 from kd_jax.models import create_model, init_model, make_apply_fn  # noqa: E402
 from kd_jax.sharding import make_mesh  # noqa: E402
 from kd_jax.train_step import TrainState  # noqa: E402
+import results_log  # noqa: E402  (benchmarks/, the script's folder)
 
 
 def seconds(fn, repeat=1):
@@ -156,4 +157,6 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  with results_log.recorded("Evaluating K networks on a distilled set: together vs one after "
+                            "another"):
+    main()

@@ -28,6 +28,7 @@ from jax.flatten_util import ravel_pytree
 from kd_jax.data.dsa import diff_augment
 from kd_jax.dataset_distill.matching import TrajectoryMatcher, make_inner_step, minibatch_plan
 from kd_jax.models import create_model, init_model, make_apply_fn
+import results_log  # benchmarks/, the script's folder
 
 GIB = 2.0 ** 30
 
@@ -122,4 +123,5 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  with results_log.recorded("Trajectory matching: exact vs unrolled memory and time against N"):
+    main()

@@ -112,7 +112,7 @@ class TrajectoryMatcher:
   Call as `matcher(theta_start, theta_target, images, labels, lr, indices, keys)` with
   theta `[P]`, indices `[N, batch_syn]` and keys `[N]`; returns `(loss, SyntheticGrads)`.
   With `segments=G > 1` every argument but images, labels and lr gains a leading `[G]` axis
-  (G (expert, start epoch) segments, vmapped) and the loss is the mean of the G segments' losses.
+  (G (expert, start epoch) segments) and the loss is the mean of the G segments' losses.
   `learn_labels=False` treats labels as constants (hard labels or fixed probabilities).
 
   The G segments run one after another inside each jitted piece: `jax.vmap` would batch the
