@@ -172,7 +172,7 @@ class TrajectoryMatcher:
     specs = tuple(PartitionSpec(axis) if a == 0 else PartitionSpec() for a in in_axes)
     # check_vma=False: with it, a gradient taken inside the body w.r.t. a replicated input
     # (the images) is summed over the segment axis there, and `_vjp_step`'s sum over segments
-    # would then count it |segment| times (tests/dataset_distill/test_sharded.py).
+    # would then count it |segment| times (tests/dataset_distill/test_distill_mesh.py).
     return jax.shard_map(mapped, mesh=self.mesh, in_specs=specs, out_specs=PartitionSpec(axis),
                          axis_names={axis}, check_vma=False)
 
