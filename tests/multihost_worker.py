@@ -1,13 +1,15 @@
 """A tiny KD problem for the sharding tests, and the worker process of the multi-host test.
 
-As a module it provides `build_problem()`; as a script it is one process of a multi-host
-run on localhost:
+As a module it provides `build_problem()` and `build_matching_problem()`; as a script it is
+one process of a multi-host run on localhost:
 
   python tests/multihost_worker.py PROCESS_ID NUM_PROCESSES PORT OUT.npz
 
 Each process has 2 CPU devices, joins the run, trains `NUM_STEPS` KD steps over a
-`[("data", -1), ("fsdp", 2)]` mesh on its slice of the global batch, and process 0
-writes the losses and the final student params to OUT.npz.
+`[("data", -1), ("fsdp", 2)]` mesh on its slice of the global batch, then computes the
+exact trajectory-matching gradient of 2 segments on a `[("segment", 2), ("data", -1)]` mesh
+and trains one expert on a `[("data", -1)]` mesh; process 0 writes the losses, the final
+student params, the matching loss and gradients and the expert trajectory to OUT.npz.
 """
 import sys
 
@@ -66,6 +68,31 @@ def build_problem(student_width=(8, 16), teacher_width=(16, 32)):
   return step, state, {"params": t_params, **t_state}
 
 
+def build_matching_problem():
+  """Returns `(matcher_kwargs, call_args, expert_args)` of a small trajectory-matching problem
+  with 2 segments and an expert run; deterministic."""
+  from jax.flatten_util import ravel_pytree  # pylint: disable=g-import-not-at-top
+
+  from kd_jax.dataset_distill.matching import make_inner_step  # pylint: disable=g-import-not-at-top
+  module = TinyCNN((4,), num_classes=3)
+  init_params = lambda key: init_model(module, key, (1, *IMAGE_SHAPE))[0]
+  theta, unravel = ravel_pytree(init_params(jax.random.PRNGKey(2)))
+  rs = np.random.RandomState(3)
+  images = rs.normal(size=(8, *IMAGE_SHAPE)).astype(np.float32)
+  label_logits = rs.normal(size=(8, 3)).astype(np.float32)
+  starts = np.asarray(theta) + 0.02 * rs.normal(size=(2, theta.size)).astype(np.float32)
+  targets = starts + 0.05 * rs.normal(size=starts.shape).astype(np.float32)
+  indices = np.stack([rs.permutation(8).reshape(2, 4) for _ in range(2)]).astype(np.int32)
+  keys = jax.random.split(jax.random.key(4), 4).reshape(2, 2)
+  step = make_inner_step(make_apply_fn(module), unravel, label_kind="logits")
+  expert_args = (make_apply_fn(module), init_params, images, np.arange(8, dtype=np.int32) % 3)
+  return (dict(step_fn=step, mode="exact", learn_labels=True, segments=2),
+          (starts, targets, images, label_logits, 0.3, indices, keys), expert_args)
+
+
+EXPERT_KWARGS = dict(epochs=2, lr=0.1, batch_size=4, seed=0)
+
+
 def main(process_id: int, num_processes: int, port: int, out_path: str) -> None:
   from jax.experimental import multihost_utils
 
@@ -87,10 +114,22 @@ def main(process_id: int, num_processes: int, port: int, out_path: str) -> None:
                                 jax.random.PRNGKey(0))
     losses.append(float(metrics["train/loss"]))
   params = multihost_utils.process_allgather(state.params, tiled=True)
+
+  from kd_jax.dataset_distill.experts import train_expert  # pylint: disable=g-import-not-at-top
+  from kd_jax.dataset_distill.matching import TrajectoryMatcher  # pylint: disable=g-import-not-at-top
+  matcher_kwargs, call_args, expert_args = build_matching_problem()
+  matcher = TrajectoryMatcher(**matcher_kwargs,
+                              mesh=sharding.make_mesh([("segment", 2), ("data", -1)]))
+  matching = multihost_utils.process_allgather(matcher(*call_args), tiled=True)
+  trajectory = train_expert(*expert_args, mesh=sharding.make_mesh([("data", -1)]),
+                            **EXPERT_KWARGS)
   if process_id == 0:
     flat = {jax.tree_util.keystr(p): np.asarray(v)
             for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
-    np.savez(out_path, losses=np.asarray(losses), devices=jax.device_count(), **flat)
+    loss, grads = matching
+    np.savez(out_path, losses=np.asarray(losses), devices=jax.device_count(),
+             matching_loss=loss, matching_images=grads.images, matching_labels=grads.labels,
+             matching_lr=grads.lr, expert=trajectory, **flat)
   jax.distributed.shutdown()
 
 

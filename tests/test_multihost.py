@@ -1,4 +1,5 @@
-"""Two processes on localhost (CPU collectives, gloo) train like one process on one device."""
+"""Two processes on localhost (CPU collectives, gloo) train like one process on one device: the
+KD step, trajectory matching with 2 segments, and an expert."""
 import os
 import socket
 import subprocess
@@ -8,7 +9,10 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from multihost_worker import NUM_STEPS, build_problem, make_batch
+from kd_jax.dataset_distill.experts import train_expert
+from kd_jax.dataset_distill.matching import TrajectoryMatcher
+from multihost_worker import (EXPERT_KWARGS, NUM_STEPS, build_matching_problem, build_problem,
+                              make_batch)
 
 WORKER = Path(__file__).with_name("multihost_worker.py")
 TIMEOUT_S = 240  # generous: the 2 cores of CI are shared
@@ -49,3 +53,13 @@ def test_two_processes_match_single_process(tmp_path):
   np.testing.assert_allclose(result["losses"], losses, rtol=1e-5)
   for path, want in jax.tree_util.tree_flatten_with_path(state.params)[0]:
     np.testing.assert_allclose(result[jax.tree_util.keystr(path)], want, rtol=1e-5, atol=1e-6)
+
+  matcher_kwargs, call_args, expert_args = build_matching_problem()
+  loss, grads = TrajectoryMatcher(**matcher_kwargs)(*call_args)
+  np.testing.assert_allclose(result["matching_loss"], loss, rtol=1e-5)
+  for name in ("images", "labels", "lr"):
+    want = np.asarray(getattr(grads, name))
+    np.testing.assert_allclose(result[f"matching_{name}"], want, rtol=1e-5,
+                               atol=1e-5 * np.abs(want).max())
+  np.testing.assert_allclose(result["expert"], train_expert(*expert_args, **EXPERT_KWARGS),
+                             rtol=1e-5, atol=1e-6)

@@ -230,7 +230,12 @@ class TrajectoryMatcher:
       return x
     if self.segments > 1:
       spec = (_segment_axis(self.mesh), *spec)
-    return jax.device_put(x, NamedSharding(self.mesh, PartitionSpec(*spec)))
+    placement = NamedSharding(self.mesh, PartitionSpec(*spec))
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+      # A key array cannot be put on other processes' devices; its raw data (numpy) can.
+      data = jax.device_put(np.asarray(jax.random.key_data(x)), placement)
+      return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+    return jax.device_put(x, placement)
 
   def _check_shapes(self, theta_start, indices):
     lead = (self.segments,) if self.segments > 1 else ()
