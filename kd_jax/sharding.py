@@ -247,6 +247,13 @@ def shard_train_step(step: Callable, state, teacher_vars: PyTree, mesh: Mesh, ru
           teacher_vars)
 
 
+def barrier(name: str) -> None:
+  """Waits until every process reaches `barrier(name)`; a no-op in a one-process run."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)
+
+
 def initialize_distributed(coordinator_address: str | None = None,
                            num_processes: int | None = None,
                            process_id: int | None = None) -> bool:

@@ -4,6 +4,10 @@ As a module it provides `build_problem()` and `build_matching_problem()`; as a s
 one process of a multi-host run on localhost:
 
   python tests/multihost_worker.py PROCESS_ID NUM_PROCESSES PORT OUT.npz
+  python tests/multihost_worker.py PROCESS_ID NUM_PROCESSES PORT WORKDIR DATA_DIR
+
+The second form runs the `distill_dataset` job (configs/dd_digits.py:runlocal, 2 segments on a
+`[("segment", 2), ("data", -1)]` mesh) with digits prepared in DATA_DIR.
 
 Each process has 2 CPU devices, joins the run, trains `NUM_STEPS` KD steps over a
 `[("data", -1), ("fsdp", 2)]` mesh on its slice of the global batch, then computes the
@@ -133,5 +137,31 @@ def main(process_id: int, num_processes: int, port: int, out_path: str) -> None:
   jax.distributed.shutdown()
 
 
+def distill_job_config(data_dir: str):
+  """configs/dd_digits.py:runlocal with 2 segments on a ("segment", 2) × ("data", -1) mesh."""
+  from configs import dd_digits  # pylint: disable=g-import-not-at-top
+  config = dd_digits.get_config("runlocal")
+  with config.unlocked():
+    config.data.data_dir = data_dir
+    config.mesh.axes = (("segment", 2), ("data", -1))
+    config.distill.segments = 2
+  return config
+
+
+def main_distill_job(process_id: int, num_processes: int, port: int, workdir: str,
+                     data_dir: str) -> None:
+  from kd_jax import sharding  # pylint: disable=g-import-not-at-top
+  from kd_jax.dataset_distill import run as run_lib  # pylint: disable=g-import-not-at-top
+
+  jax.config.update("jax_num_cpu_devices", 2)
+  sharding.initialize_distributed(f"localhost:{port}", num_processes, process_id)
+  run_lib.run(distill_job_config(data_dir), workdir)
+  jax.distributed.shutdown()
+
+
 if __name__ == "__main__":
-  main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
+  if len(sys.argv) == 6:
+    main_distill_job(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4],
+                     sys.argv[5])
+  else:
+    main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])

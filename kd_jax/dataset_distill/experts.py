@@ -156,7 +156,8 @@ def train_experts(directory, apply_fn, init_params: Callable, images: np.ndarray
     mesh, rules: split each batch over this mesh, place params by rules (see `train_expert`).
     The rest: the recipe; expert k uses seed `seed + k`.
   Returns:
-    `load_buffer(directory, ...)`.
+    `load_buffer(directory, ...)`. In a multi-process run every process trains and process 0
+    writes; `directory` must be on a filesystem all processes share.
   """
   directory = Path(directory)
   num_params = int(ravel_pytree(init_params(jax.random.key(0)))[0].size)
@@ -165,24 +166,30 @@ def train_experts(directory, apply_fn, init_params: Callable, images: np.ndarray
               "kd_jax_version": kd_jax.__version__}
   if (directory / TRAJECTORIES).exists():
     return load_buffer(directory, expected)
-  (directory / PARTS).mkdir(parents=True, exist_ok=True)
+  writer = jax.process_index() == 0  # every process trains (the steps are collective)
+  if writer:
+    (directory / PARTS).mkdir(parents=True, exist_ok=True)
   if (directory / METADATA).exists():
     check_metadata(json.loads((directory / METADATA).read_text()), expected,
                    f"unfinished expert buffer {directory / METADATA}")
-  else:
+  elif writer:
     atomic_write_json(directory / METADATA, expected)
   parts = [directory / PARTS / f"expert_{k:05d}.npy" for k in range(num_experts)]
-  for k, part in enumerate(parts):
-    if part.exists():
-      continue
+  todo = [k for k, part in enumerate(parts) if not part.exists()]
+  sharding.barrier("kd_jax train_experts: resume point")  # decided before anything is written
+  for k in todo:
     trajectory = train_expert(apply_fn, init_params, images, labels, epochs=epochs, lr=lr,
                               batch_size=batch_size, seed=seed + k, augment=augment, mesh=mesh,
                               rules=rules)
-    atomic_save_npy(part, trajectory)
+    if writer:
+      atomic_save_npy(parts[k], trajectory)
     log(f"expert {k + 1}/{num_experts} done")
-  atomic_save_npy(directory / TRAJECTORIES,
-                  np.stack([np.load(p, allow_pickle=False) for p in parts]))
-  for part in parts:
-    part.unlink()
-  (directory / PARTS).rmdir()
+  sharding.barrier("kd_jax train_experts: experts written")
+  if writer:
+    atomic_save_npy(directory / TRAJECTORIES,
+                    np.stack([np.load(p, allow_pickle=False) for p in parts]))
+    for part in parts:
+      part.unlink()
+    (directory / PARTS).rmdir()
+  sharding.barrier("kd_jax train_experts: buffer joined")
   return load_buffer(directory, expected)

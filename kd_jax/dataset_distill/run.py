@@ -85,8 +85,38 @@ def _networks_mesh(num_nets: int):
   return sharding.make_mesh(((sharding.DATA_AXIS, size),), devices[:size]) if size > 1 else None
 
 
+def _write_outputs(workdir, config, results, identity, info, zca, result, final_targets,
+                   num_classes):
+  """distilled.npz/.json, zca.npz, the two plots and results.json."""
+  d = config.distill
+  final_images, curve = np.asarray(result.images), results["curve"]
+  metadata = {**identity, "ipc": d.ipc, "label_kind": d.label_kind, "mode": d.mode,
+              "mean": list(info.mean), "std": list(info.std), "normalised": True,
+              "zca_file": "zca.npz" if zca is not None else ""}
+  save_distilled(workdir, images=final_images, labels=final_targets, lr=results["learned_lr"],
+                 metadata=metadata,
+                 label_logits=np.asarray(result.labels) if d.label_kind == "logits" else None)
+  display = final_images
+  if zca is not None:
+    np.savez(workdir / "zca.tmp.npz", mean=zca.mean, whiten=zca.whiten, unwhiten=zca.unwhiten)
+    os.replace(workdir / "zca.tmp.npz", workdir / "zca.npz")
+    display = zca_inverse(zca, final_images)
+  plots.save_image_grid(workdir / "synthetic_images.png", display, num_classes=num_classes,
+                        ipc=d.ipc)
+  references = {"random real": results["random_real"]["mean"]}
+  if "full_data" in results:
+    references["full data"] = results["full_data"]["mean"]
+  if curve:
+    plots.save_accuracy_curve(workdir / "accuracy_curve.png", [c["iteration"] for c in curve],
+                              [c["mean"] for c in curve], [c["std"] for c in curve],
+                              references=references,
+                              title=f"{config.data.name} IPC {d.ipc} ({d.mode})")
+  atomic_write_json(workdir / "results.json", json.loads(json.dumps(results)))
+
+
 def run(config, workdir) -> dict:
-  """Runs the whole job; returns (and writes) the results dict."""
+  """Runs the whole job; returns the results dict. In a multi-process run every process
+  computes and process 0 writes (`workdir` on a filesystem all processes share)."""
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   t0 = time.time()
@@ -177,27 +207,9 @@ def run(config, workdir) -> dict:
   results["seconds"] = {"experts": t_experts, "distill": t_distill,
                         "total": time.time() - t0}
 
-  metadata = {**identity, "ipc": d.ipc, "label_kind": d.label_kind, "mode": d.mode,
-              "mean": list(info.mean), "std": list(info.std), "normalised": True,
-              "zca_file": "zca.npz" if zca is not None else ""}
-  save_distilled(workdir, images=final_images, labels=final_targets, lr=learned_lr,
-                 metadata=metadata,
-                 label_logits=np.asarray(result.labels) if d.label_kind == "logits" else None)
-  display = final_images
-  if zca is not None:
-    np.savez(workdir / "zca.tmp.npz", mean=zca.mean, whiten=zca.whiten, unwhiten=zca.unwhiten)
-    os.replace(workdir / "zca.tmp.npz", workdir / "zca.npz")
-    display = zca_inverse(zca, final_images)
-  plots.save_image_grid(workdir / "synthetic_images.png", display, num_classes=num_classes,
-                        ipc=d.ipc)
-  references = {"random real": results["random_real"]["mean"]}
-  if "full_data" in results:
-    references["full data"] = results["full_data"]["mean"]
-  if curve:
-    plots.save_accuracy_curve(workdir / "accuracy_curve.png", [c["iteration"] for c in curve],
-                              [c["mean"] for c in curve], [c["std"] for c in curve],
-                              references=references,
-                              title=f"{config.data.name} IPC {d.ipc} ({d.mode})")
   results["kd_jax_version"] = kd_jax.__version__
-  atomic_write_json(workdir / "results.json", json.loads(json.dumps(results)))
+  if jax.process_index() == 0:  # every process computed the same; one writes
+    _write_outputs(workdir, config, results, identity, info, zca, result, final_targets,
+                   num_classes)
   return results
+
