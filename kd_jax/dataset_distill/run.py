@@ -39,6 +39,7 @@ from jax.flatten_util import ravel_pytree
 import kd_jax
 from kd_jax import data as data_lib
 from kd_jax import sharding
+from kd_jax.checkpoint import atomic_write_json
 from kd_jax.data.dsa import diff_augment
 from kd_jax.data.zca import fit_zca, zca_apply, zca_inverse
 from kd_jax.dataset_distill import plots
@@ -46,7 +47,6 @@ from kd_jax.dataset_distill.datm import StartWindow
 from kd_jax.dataset_distill.distill import MatchingConfig, SyntheticSet, distill
 from kd_jax.dataset_distill.distilled_set import save_distilled
 from kd_jax.dataset_distill.evaluate import evaluate_set
-from kd_jax.checkpoint import atomic_write_json
 from kd_jax.dataset_distill.experts import train_experts
 from kd_jax.dataset_distill.matching import label_targets
 from kd_jax.dataset_distill.synthetic import init_images, init_labels, select_real
@@ -85,11 +85,10 @@ def _networks_mesh(num_nets: int):
   return sharding.make_mesh(((sharding.DATA_AXIS, size),), devices[:size]) if size > 1 else None
 
 
-def _write_outputs(workdir, config, results, identity, info, zca, result, final_targets,
-                   num_classes):
+def _write_outputs(workdir, config, results, identity, info, zca, result, final_images,
+                   final_targets, num_classes):
   """distilled.npz/.json, zca.npz, the two plots and results.json."""
-  d = config.distill
-  final_images, curve = np.asarray(result.images), results["curve"]
+  d, curve = config.distill, results["curve"]
   metadata = {**identity, "ipc": d.ipc, "label_kind": d.label_kind, "mode": d.mode,
               "mean": list(info.mean), "std": list(info.std), "normalised": True,
               "zca_file": "zca.npz" if zca is not None else ""}
@@ -126,7 +125,12 @@ def run(config, workdir) -> dict:
   module = create_model(config.model.name, num_classes=num_classes, **model_kwargs)
   apply_fn = make_apply_fn(module)
   init_params = lambda key: init_model(module, key, (1, *image_shape))[0]
-  _, unravel = ravel_pytree(init_params(jax.random.key(0)))
+  params, model_state = init_model(module, jax.random.key(0), (1, *image_shape))
+  if model_state:
+    raise ValueError(f"model.name={config.model.name!r} with model.kwargs={model_kwargs} has "
+                     f"mutable state ({', '.join(model_state)}); trajectory matching needs a "
+                     "stateless model, e.g. convnet with norm='instancenorm'")
+  _, unravel = ravel_pytree(params)
   augment = None
   if config.dsa.enabled:
     augment = lambda x, key: diff_augment(x, key, strategy=config.dsa.strategy,
@@ -209,7 +213,6 @@ def run(config, workdir) -> dict:
 
   results["kd_jax_version"] = kd_jax.__version__
   if jax.process_index() == 0:  # every process computed the same; one writes
-    _write_outputs(workdir, config, results, identity, info, zca, result, final_targets,
-                   num_classes)
+    _write_outputs(workdir, config, results, identity, info, zca, result, final_images,
+                   final_targets, num_classes)
   return results
-

@@ -5,8 +5,10 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
+from configs import dd_digits
 from dd_tiny_model import tiny_model
 from kd_jax.data.dsa import diff_augment
+from kd_jax.dataset_distill import run as run_lib
 from kd_jax.dataset_distill.matching import (TrajectoryMatcher, make_inner_step, minibatch_plan,
                                              parameter_distance_loss)
 from kd_jax.train_step import cross_entropy
@@ -88,8 +90,17 @@ def test_minibatch_plan_is_chunked_permutations():
     minibatch_plan(np.random.default_rng(0), 6, 4, 2)
 
 
-def test_bad_mode_and_stateful_model_raise():
+def test_bad_mode_and_label_kind_raise():
   with pytest.raises(ValueError, match="mode"):
     TrajectoryMatcher(lambda *a: None, mode="approx")
   with pytest.raises(ValueError, match="label_kind"):
     make_inner_step(None, None, label_kind="onehot")
+
+
+def test_distill_job_rejects_a_model_with_batch_stats(tmp_path, digits_data_dir):
+  config = dd_digits.get_config("runlocal")
+  with config.unlocked():
+    config.data.data_dir = digits_data_dir
+    config.model.kwargs.norm = "batchnorm"
+  with pytest.raises(ValueError, match="model.name='convnet'.*mutable state \\(batch_stats\\)"):
+    run_lib.run(config, tmp_path)
