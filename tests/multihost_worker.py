@@ -22,7 +22,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
+from jax.flatten_util import ravel_pytree
 
+from configs import dd_digits
+from kd_jax import sharding
+from kd_jax.dataset_distill import run as run_lib
+from kd_jax.dataset_distill.experts import train_expert
+from kd_jax.dataset_distill.matching import TrajectoryMatcher, make_inner_step
 from kd_jax.models.apply import init_model, make_apply_fn
 from kd_jax.models.output import ModelOutput
 from kd_jax.train_step import TrainState, make_kd_objective, make_train_step
@@ -75,9 +82,6 @@ def build_problem(student_width=(8, 16), teacher_width=(16, 32)):
 def build_matching_problem():
   """Returns `(matcher_kwargs, call_args, expert_args)` of a small trajectory-matching problem
   with 2 segments and an expert run; deterministic."""
-  from jax.flatten_util import ravel_pytree  # pylint: disable=g-import-not-at-top
-
-  from kd_jax.dataset_distill.matching import make_inner_step  # pylint: disable=g-import-not-at-top
   module = TinyCNN((4,), num_classes=3)
   init_params = lambda key: init_model(module, key, (1, *IMAGE_SHAPE))[0]
   theta, unravel = ravel_pytree(init_params(jax.random.PRNGKey(2)))
@@ -98,10 +102,6 @@ EXPERT_KWARGS = dict(epochs=2, lr=0.1, batch_size=4, seed=0)
 
 
 def main(process_id: int, num_processes: int, port: int, out_path: str) -> None:
-  from jax.experimental import multihost_utils
-
-  from kd_jax import sharding
-
   jax.config.update("jax_num_cpu_devices", 2)
   sharding.initialize_distributed(f"localhost:{port}", num_processes, process_id)
   mesh = sharding.make_mesh([("data", -1), ("fsdp", 2)])
@@ -119,8 +119,6 @@ def main(process_id: int, num_processes: int, port: int, out_path: str) -> None:
     losses.append(float(metrics["train/loss"]))
   params = multihost_utils.process_allgather(state.params, tiled=True)
 
-  from kd_jax.dataset_distill.experts import train_expert  # pylint: disable=g-import-not-at-top
-  from kd_jax.dataset_distill.matching import TrajectoryMatcher  # pylint: disable=g-import-not-at-top
   matcher_kwargs, call_args, expert_args = build_matching_problem()
   matcher = TrajectoryMatcher(**matcher_kwargs,
                               mesh=sharding.make_mesh([("segment", 2), ("data", -1)]))
@@ -139,7 +137,6 @@ def main(process_id: int, num_processes: int, port: int, out_path: str) -> None:
 
 def distill_job_config(data_dir: str):
   """configs/dd_digits.py:runlocal with 2 segments on a ("segment", 2) × ("data", -1) mesh."""
-  from configs import dd_digits  # pylint: disable=g-import-not-at-top
   config = dd_digits.get_config("runlocal")
   with config.unlocked():
     config.data.data_dir = data_dir
@@ -150,9 +147,6 @@ def distill_job_config(data_dir: str):
 
 def main_distill_job(process_id: int, num_processes: int, port: int, workdir: str,
                      data_dir: str) -> None:
-  from kd_jax import sharding  # pylint: disable=g-import-not-at-top
-  from kd_jax.dataset_distill import run as run_lib  # pylint: disable=g-import-not-at-top
-
   jax.config.update("jax_num_cpu_devices", 2)
   sharding.initialize_distributed(f"localhost:{port}", num_processes, process_id)
   run_lib.run(distill_job_config(data_dir), workdir)

@@ -62,12 +62,12 @@ def epoch_batches(rng: np.random.Generator, num_examples: int, batch_size: int):
 
 
 def make_indexed_train_step(apply_fn, tx: optax.GradientTransformation,
-                            augment: Callable | None = None, mesh: Mesh | None = None):
+                            augment: Callable | None = None):
   """Returns `step(state, images, labels, indices, mask, key) -> state`, not jitted.
 
   The standard `make_train_step` with plain CE (labels may be class ids or probabilities) on
-  the batch `augment(images[indices], key)`. Images stay on the device; only indices travel.
-  With a `mesh`, the batch is split over its `data` (and `fsdp`) axes.
+  the batch `augment(images[indices], key)`. Images stay on the device; only indices travel,
+  and the batch is split over devices the way `indices` is.
   The caller draws a fresh `key` per step; under `jax.vmap` over networks pass one shared key
   so that DSA's family choice stays a real branch (a batched key turns `lax.switch` into
   computing every family).
@@ -76,8 +76,6 @@ def make_indexed_train_step(apply_fn, tx: optax.GradientTransformation,
 
   def step(state, images, labels, indices, mask, key):
     x = images[indices]
-    if mesh is not None:
-      x = jax.lax.with_sharding_constraint(x, sharding.batch_sharding(mesh))
     if augment is not None:
       x = augment(x, key)
     batch = {"image": x, "label": labels[indices], "mask": mask}
@@ -97,7 +95,7 @@ def train_expert(apply_fn, init_params: Callable, images: np.ndarray, labels: np
   placed by `rules` (`kd_jax.sharding.state_shardings`; auto-FSDP on an `fsdp` axis).
   """
   tx = optax.sgd(lr)
-  step = jax.jit(make_indexed_train_step(apply_fn, tx, augment, mesh), donate_argnums=0)
+  step = jax.jit(make_indexed_train_step(apply_fn, tx, augment), donate_argnums=0)
   params = init_params(jax.random.key(seed))
   state = TrainState.create(params, {}, tx)
   images, labels = jnp.asarray(images), jnp.asarray(labels)
@@ -106,7 +104,7 @@ def train_expert(apply_fn, init_params: Callable, images: np.ndarray, labels: np
     sharding.check_batch_size(mesh, batch_size, "experts.batch_size")
     state = jax.device_put(state, sharding.state_shardings(state, mesh, rules))
     images, labels = jax.device_put((images, labels), NamedSharding(mesh, PartitionSpec()))
-    place_batch = lambda x: jax.device_put(x, sharding.batch_sharding(mesh))
+    place_batch = lambda x: jax.device_put(x, sharding.batch_sharding(mesh))  # splits the step
   rng = np.random.default_rng(seed)
   key = jax.random.key(seed + 1)
   trajectory = [np.asarray(ravel_pytree(state.params)[0], np.float32)]
