@@ -187,13 +187,15 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec(axes))
 
 
-def check_batch_size(mesh: Mesh, batch_size: int, field: str, hint: str = "") -> None:
-  """Raises ValueError naming config `field` unless `batch_size` splits evenly over the mesh's
-  batch axes (`data`, `fsdp`); `hint` is appended to the message."""
-  shards = axis_size(mesh, batch_axes(mesh) or None)
+def check_batch_size(mesh: Mesh, batch_size: int, field: str, hint: str = "",
+                     axes: tuple[str, ...] | None = None) -> None:
+  """Raises ValueError naming config `field` unless `batch_size` splits evenly over `axes`
+  (default: the mesh's batch axes `data`, `fsdp`); `hint` is appended to the message."""
+  axes = batch_axes(mesh) if axes is None else axes
+  shards = axis_size(mesh, axes or None)
   if batch_size % shards:
     raise ValueError(f"{field}={batch_size} must be divisible by the {shards} devices of the "
-                     f"mesh's data axes {dict(mesh.shape)}{hint}")
+                     f"mesh's axes {axes} {dict(mesh.shape)}{hint}")
 
 
 def shard_batch(host_batch: PyTree, mesh: Mesh) -> PyTree:

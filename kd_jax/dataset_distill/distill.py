@@ -127,7 +127,8 @@ def distill(trajectories: np.ndarray, apply_fn, unravel: Callable, synthetic: Sy
       values, opt_states = update(values, grads, opt_states)
     if it % 10 == 0 or it == config.iterations - 1:
       log(f"iter {it:5d}  loss {loss:.4f}  start {','.join(map(str, starts)):>3}  "
-          f"lr {float(values['lr']):.5f}{'' if updated else '  (skipped)'}  {time.time() - start_time:.0f}s")
+          f"lr {float(values['lr']):.5f}{'' if updated else '  (skipped)'}  "
+          f"{time.time() - start_time:.0f}s")
   if callback is not None:
     callback(config.iterations, current())
   return current()

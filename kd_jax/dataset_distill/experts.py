@@ -91,8 +91,8 @@ def train_expert(apply_fn, init_params: Callable, images: np.ndarray, labels: np
   """Trains one expert; returns its trajectory `[epochs + 1, P]` float32.
 
   `init_params(rng) -> params` draws a fresh network; the model must have no mutable state.
-  With a `mesh`, each batch is split over its `data` (and `fsdp`) axes and the params are
-  placed by `rules` (`kd_jax.sharding.state_shardings`; auto-FSDP on an `fsdp` axis).
+  With a `mesh`, each batch is split over its `segment`, `data` and `fsdp` axes (those present)
+  and the params are placed by `rules` (`kd_jax.sharding.state_shardings`; auto-FSDP on `fsdp`).
   """
   tx = optax.sgd(lr)
   step = jax.jit(make_indexed_train_step(apply_fn, tx, augment), donate_argnums=0)
@@ -101,10 +101,13 @@ def train_expert(apply_fn, init_params: Callable, images: np.ndarray, labels: np
   images, labels = jnp.asarray(images), jnp.asarray(labels)
   place_batch = lambda x: x
   if mesh is not None:
-    sharding.check_batch_size(mesh, batch_size, "experts.batch_size")
+    # Experts have no segments: a `segment` axis splits their batches too.
+    axes = tuple(a for a in (sharding.SEGMENT_AXIS, *sharding.BATCH_AXES) if a in mesh.shape)
+    sharding.check_batch_size(mesh, batch_size, "experts.batch_size", axes=axes)
     state = jax.device_put(state, sharding.state_shardings(state, mesh, rules))
     images, labels = jax.device_put((images, labels), NamedSharding(mesh, PartitionSpec()))
-    place_batch = lambda x: jax.device_put(x, sharding.batch_sharding(mesh))  # splits the step
+    batch = NamedSharding(mesh, PartitionSpec(axes))
+    place_batch = lambda x: jax.device_put(x, batch)  # the step's batch follows it
   rng = np.random.default_rng(seed)
   key = jax.random.key(seed + 1)
   trajectory = [np.asarray(ravel_pytree(state.params)[0], np.float32)]

@@ -101,14 +101,14 @@ def test_bad_mesh_for_batch_or_segments_raises():
     _call(_matcher(model, segments=SEGMENTS), shared, single)
 
 
-def test_sharded_expert_equals_one_device():
+@pytest.mark.parametrize("axes", [(("data", 8),), (("segment", 2), ("data", 4))])
+def test_sharded_expert_equals_one_device(axes):
   apply_fn, init_params, images, labels = tiny_problem(20)
   kwargs = dict(epochs=2, lr=0.1, batch_size=8, seed=0, augment=_flip)  # last batch padded
   one = train_expert(apply_fn, init_params, images, labels, **kwargs)
-  sharded = train_expert(apply_fn, init_params, images, labels, mesh=make_mesh((("data", 8),)),
-                         **kwargs)
+  sharded = train_expert(apply_fn, init_params, images, labels, mesh=make_mesh(axes), **kwargs)
   assert np.abs(one[-1] - one[0]).max() > 1e-3  # it trained
   np.testing.assert_allclose(sharded, one, rtol=1e-5, atol=1e-6)
   with pytest.raises(ValueError, match="experts.batch_size=6 must be divisible by the 8"):
-    train_expert(apply_fn, init_params, images, labels, mesh=make_mesh((("data", 8),)),
+    train_expert(apply_fn, init_params, images, labels, mesh=make_mesh(axes),
                  **{**kwargs, "batch_size": 6})
