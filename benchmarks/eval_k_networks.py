@@ -28,6 +28,8 @@ import os
 import platform
 import time
 
+import results_log  # benchmarks/, the script's folder; before the flags are parsed
+
 
 def parse_flags():
   parser = argparse.ArgumentParser()
@@ -64,7 +66,6 @@ from kd_jax.dataset_distill.experts import make_indexed_train_step  # noqa: E402
 from kd_jax.models import create_model, init_model, make_apply_fn  # noqa: E402
 from kd_jax.sharding import make_mesh  # noqa: E402
 from kd_jax.train_step import TrainState  # noqa: E402
-import results_log  # noqa: E402  (benchmarks/, the script's folder)
 
 
 def seconds(fn, repeat=1):

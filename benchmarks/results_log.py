@@ -2,8 +2,8 @@
 
 Each script runs its `main` under `recorded(title)`: the figures go to the terminal as usual and,
 when the script finishes without an error, into RESULTS.md as a new dated section. Pass
-`--no_record` to a script to print only (it is taken out of `sys.argv` before the script parses
-its flags).
+`--no_record` to a script to print only: importing this module takes it out of `sys.argv`, so
+scripts import it before they parse their flags.
 """
 import contextlib
 import datetime
@@ -16,6 +16,9 @@ from pathlib import Path
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 NO_RECORD = "--no_record"
+RECORD = NO_RECORD not in sys.argv
+if not RECORD:
+  sys.argv.remove(NO_RECORD)
 
 
 class _Tee(io.TextIOBase):
@@ -58,11 +61,8 @@ def machine() -> str:
 @contextlib.contextmanager
 def recorded(title: str, *, enabled: bool = True, results: Path = RESULTS):
   """Tees stdout; on success appends `## title (date)`, the command, the machine and the output."""
-  if NO_RECORD in sys.argv:
-    sys.argv.remove(NO_RECORD)
-    enabled = False
-  if any(arg in ("-h", "--help", "--helpfull") for arg in sys.argv):
-    enabled = False
+  enabled = enabled and RECORD and not any(
+      arg in ("-h", "--help", "--helpfull") for arg in sys.argv)
   command = "PYTHONPATH=. python " + shlex.join(sys.argv)
   buffer = io.StringIO()
   finished = None
