@@ -33,7 +33,8 @@ def measure(job: str) -> dict:
   import optax
 
   from kd_jax import models
-  from kd_jax.train_step import TrainState, make_eval_step, make_kd_objective, make_train_step
+  from kd_jax.distiller import Distiller, Term, supervised
+  from kd_jax.step import TrainState, make_eval_step, make_train_step, per_part_optimizer
 
   teacher_name, student_name, classes, image, batch, eval_batch = JOBS[job]
   built = {}
@@ -52,17 +53,28 @@ def measure(job: str) -> dict:
   t_apply, t_params, t_state = built["teacher"]
   s_apply, s_params, s_state = built["student"]
   teacher_vars = {"params": t_params, **t_state}
+  student_vars = {"params": s_params, **s_state}
 
-  def state_of(params, model_state):
-    return jax.eval_shape(lambda p, s: TrainState.create(p, s, tx), params, model_state)
+  def train_step_and_state(method, variables):
+    """The method's step and abstract `TrainState`, with the optimizer kd_jax.trainer builds."""
+    parts = jax.eval_shape(lambda v, b: method.init(jax.random.PRNGKey(1), v, b), variables,
+                           train_batch)
+    part_tx = per_part_optimizer(parts[0], tx)
+    return (make_train_step(method, part_tx),
+            jax.eval_shape(lambda p: TrainState.create(part_tx, *p), parts))
 
+  kd = Distiller(s_apply, [Term("ce", weight=0.1),
+                           Term("kd", weight=0.9, hparams={"temperature": 4.0})],
+                 {"teacher": t_apply})
+  teacher_step, teacher_state = train_step_and_state(supervised(t_apply),
+                                                     {"student": teacher_vars})
+  kd_step, kd_state = train_step_and_state(kd, {"student": student_vars,
+                                                "teacher": teacher_vars})
   steps = {
-      "teacher_train": (make_train_step(t_apply, None, make_kd_objective(None), tx),
-                        (state_of(t_params, t_state), None, train_batch, rng)),
-      "student_kd_train": (make_train_step(s_apply, t_apply, make_kd_objective("kd"), tx),
-                           (state_of(s_params, s_state), teacher_vars, train_batch, rng)),
+      "teacher_train": (teacher_step, (teacher_state, train_batch, rng)),
+      "student_kd_train": (kd_step, (kd_state, train_batch, rng)),
       "teacher_eval": (make_eval_step(t_apply), (teacher_vars, eval_batch_)),
-      "student_eval": (make_eval_step(s_apply), ({"params": s_params, **s_state}, eval_batch_)),
+      "student_eval": (make_eval_step(s_apply), (student_vars, eval_batch_)),
   }
   out = {}
   for name, (fn, args) in steps.items():

@@ -63,9 +63,9 @@ import numpy as np  # noqa: E402
 from kd_jax.data.dsa import diff_augment  # noqa: E402
 from kd_jax.dataset_distill.evaluate import make_eval_tx, train_networks  # noqa: E402
 from kd_jax.dataset_distill.experts import make_indexed_train_step  # noqa: E402
+from kd_jax.distiller import supervised_state  # noqa: E402
 from kd_jax.models import create_model, init_model, make_apply_fn  # noqa: E402
 from kd_jax.sharding import make_mesh  # noqa: E402
-from kd_jax.train_step import TrainState  # noqa: E402
 
 
 def seconds(fn, repeat=1):
@@ -85,7 +85,7 @@ def one_step(apply_fn, init_params, augment, images, labels, batch):
   idx = np.stack([rng.permutation(len(images))[:batch] for _ in range(k)]).astype(np.int32)
   mask = np.ones((k, batch), np.float32)
   key = jax.random.key(1)
-  states = jax.vmap(lambda r: TrainState.create(init_params(r), {}, tx))(
+  states = jax.vmap(lambda r: supervised_state({"params": init_params(r)}, tx))(
       jax.random.split(jax.random.key(0), k))
   single = jax.tree.map(lambda leaf: leaf[0], states)
   ways = {"jax.vmap of the step (grouped convs)": (

@@ -46,29 +46,36 @@ def build_jax(precision: str):
   import optax
 
   from kd_jax import models
+  from kd_jax.distiller import Distiller, Term
   from kd_jax.precision import compute_dtype
-  from kd_jax.train_step import TrainState, make_kd_objective, make_train_step
+  from kd_jax.step import TrainState, make_train_step, per_part_optimizer
 
   dtype = compute_dtype(precision)
   student = models.create_model("resnet8x4", num_classes=CLASSES, dtype=dtype)
   teacher = models.create_model("resnet32x4", num_classes=CLASSES, dtype=dtype)
   params, model_state = models.init_model(student, jax.random.PRNGKey(0), (1, *IMAGE))
   t_params, t_state = models.init_model(teacher, jax.random.PRNGKey(1), (1, *IMAGE))
-  tx = optax.chain(optax.add_decayed_weights(WEIGHT_DECAY), optax.sgd(LR, momentum=MOMENTUM))
-  objective = make_kd_objective("kd", alpha=ALPHA, loss_hparams={"temperature": TEMPERATURE})
-  step = jax.jit(make_train_step(models.make_apply_fn(student), models.make_apply_fn(teacher),
-                                 objective, tx), donate_argnums=0)
-  state = TrainState.create(params, model_state, tx)
-  teacher_vars = {"params": t_params, **t_state}
-  rng = jax.random.PRNGKey(0)
+  distiller = Distiller(models.make_apply_fn(student),
+                        [Term("ce", weight=1 - ALPHA),
+                         Term("kd", weight=ALPHA, hparams={"temperature": TEMPERATURE})],
+                        {"teacher": models.make_apply_fn(teacher)})
   example = jax.tree.map(jax.numpy.asarray, make_batches(1)[0])
+  trainable, frozen, extra = distiller.init(
+      jax.random.PRNGKey(2), {"student": {"params": params, **model_state},
+                              "teacher": {"params": t_params, **t_state}}, example)
+  # As kd_jax.trainer builds it: one optimizer per trainable part (here only the student).
+  tx = per_part_optimizer(trainable, optax.chain(optax.add_decayed_weights(WEIGHT_DECAY),
+                                                 optax.sgd(LR, momentum=MOMENTUM)))
+  step = jax.jit(make_train_step(distiller, tx), donate_argnums=0)
+  state = TrainState.create(tx, trainable, frozen, extra)
+  rng = jax.random.PRNGKey(0)
   t0 = time.perf_counter()
-  compiled = step.lower(state, teacher_vars, example, rng).compile()
+  compiled = step.lower(state, example, rng).compile()
   compile_s = time.perf_counter() - t0
 
   def run(state, batches):
     for batch in batches:
-      state, metrics = compiled(state, teacher_vars, batch, rng)
+      state, metrics = compiled(state, batch, rng)
     jax.block_until_ready((state, metrics))
     return state, float(metrics["train/loss"])
 

@@ -35,6 +35,17 @@ def mesh_config() -> ml_collections.ConfigDict:
   return c
 
 
+def term(loss: str, **fields) -> ml_collections.ConfigDict:
+  """One `distill.terms` entry (see kd_jax.distiller.Term for the fields)."""
+  return ml_collections.ConfigDict({"loss": loss, **fields})
+
+
+def kd_terms(*, ce_weight: float, kd_weight: float, temperature: float) -> tuple:
+  """Hinton KD: ce_weight·CE + kd_weight·KD(T)."""
+  return (term("ce", weight=ce_weight),
+          term("kd", weight=kd_weight, hparams={"temperature": temperature}))
+
+
 def kd_config() -> ml_collections.ConfigDict:
   """The knowledge-distillation job: teacher → label-only baseline student → KD student."""
   c = ml_collections.ConfigDict()
@@ -77,11 +88,11 @@ def kd_config() -> ml_collections.ConfigDict:
   c.optim.warmup_epochs = 0.0
 
   c.distill = ml_collections.ConfigDict()
-  c.distill.loss = "kd"         # any name in kd_jax.losses.list_losses()
-  c.distill.alpha = 0.9         # loss = (1 - alpha) CE + alpha distill
-  c.distill.hparams = ml_collections.ConfigDict({"temperature": 4.0})
-  c.distill.student_feature = ""  # feature losses: names from ModelOutput.features
-  c.distill.teacher_feature = ""
+  # The KD student's loss: Σ weight·term. Each term is a dict with `loss` (a name in
+  # kd_jax.losses.list_losses(), or "ce" for the task loss) and optionally `weight`,
+  # `warmup_steps`, `hparams`, `student`/`teacher` taps ("logits" or a feature name),
+  # `adapter`, `options`, `name` (see kd_jax.distiller.Term).
+  c.distill.terms = kd_terms(ce_weight=0.1, kd_weight=0.9, temperature=4.0)
 
   c.mesh = mesh_config()
 
@@ -99,7 +110,7 @@ def cifar100_kd_config(teacher: str, student: str, *, learning_rate: float = 0.0
                        runlocal: bool = False) -> ml_collections.ConfigDict:
   """RepDistiller/mdistiller CIFAR-100 recipe: 240 epochs, SGD 0.05 (0.01 for
   MobileNet/ShuffleNet students), ×0.1 at 150/180/210, wd 5e-4, batch 64, T=4,
-  loss 0.1·CE + 0.9·KD. `runlocal` shrinks it to mock-sized data for a laptop/CI."""
+  loss 0.1·CE + 0.9·KD (the config's default terms). `runlocal` shrinks it to mock-sized data for a laptop/CI."""
   c = kd_config()
   c.data.name = "cifar100"
   c.data.crop_padding = 4

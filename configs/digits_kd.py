@@ -22,13 +22,89 @@ A CNN student comes within half a point of the teacher on digits, leaving KD not
 transfer that seed noise does not hide; the MLP must learn shift tolerance, which the
 teacher's soft targets on shifted views carry (Hinton et al. 2015 made the same point on MNIST).
 Args (comma-separated after `:`): `runlocal` (a few steps, for CI), `validate` (evaluate on
-train[1000:] and train on train[:1000]), `seed=N`.
+train[1000:] and train on train[:1000]), `seed=N`, `pair=mlp|cnn|vit` (the teacher → student
+pair: CNN → MLP(64), the default; CNN 32/64 → CNN 16/32; ViT → smaller ViT), and
+`terms=A+B+...` (the KD student's terms: CE plus each named loss with the taps and weight of
+`TERMS` below, e.g. `terms=fitnet+kd` or `terms=dkd`; any registered loss name works):
+
+    python -m kd_jax.main --config=configs/digits_kd.py:pair=cnn,terms=fitnet+kd --workdir=/tmp/fitnet
+
+Weights follow RepDistiller's CIFAR-100 defaults where its loss has the same normalisation
+(FitNet 100, AT 1000, SP 3000, RKD 25 (its 25/50 distance/angle), PKT 30000, CC 0.02, VID 1,
+CRD 0.8, NST 50, FT 200), ReviewKD 1, and DKD's recipe CE + DKD with a linear warm-up over the
+first 1/12 of training (mdistiller: 20 of 240 epochs); "+kd" adds 0.9·KD(T=4) with CE at 0.1.
 """
 from configs import common
 
+# The CNN pair's taps (teacher: stage1 [8, 8, 32], stage2 [4, 4, 64], pre_logits [1024];
+# student: stage1 [4, 4, 16], stage2 [2, 2, 32], pre_logits [128]). Feature maps are paired at
+# the same 4×4 resolution; adapters are created automatically where widths differ.
+_MAPS = {"student": "stage1", "teacher": "stage2"}
+_VECTORS = {"student": "pre_logits", "teacher": "pre_logits"}
+TERMS = {
+    "kd": {"weight": 0.9, "hparams": {"temperature": 4.0}},
+    "dkd": {"weight": 1.0},  # warm-up set from the run length below
+    # The other logit losses at weight 1 (their papers' own loss scales).
+    **{name: {"weight": 1.0} for name in (
+        "reverse_kl", "jensen_shannon", "logit_mse", "nkd", "dist", "logit_standardized_kd",
+        "ofa", "meal_v2", "bdkd", "skd_instance", "skd_direction", "soft_teacher_cls")},
+    "fitnet": {"weight": 100.0, **_MAPS},
+    "at": {"weight": 1000.0, **_MAPS},
+    "sp": {"weight": 3000.0, **_VECTORS},
+    "rkd": {"weight": 25.0, **_VECTORS},
+    "rkd_distance": {"weight": 25.0, **_VECTORS},
+    "rkd_angle": {"weight": 50.0, **_VECTORS},
+    "pkt": {"weight": 30000.0, **_VECTORS},
+    "cc": {"weight": 0.02, **_VECTORS},
+    "cka": {"weight": 1.0, **_VECTORS},
+    "vid": {"weight": 1.0, **_MAPS},
+    "crd": {"weight": 0.8, **_VECTORS},
+    "nst": {"weight": 50.0, "student": "stage2", "teacher": "stage2"},
+    "ft": {"weight": 200.0, **_MAPS},
+    "fsp": {"weight": 1.0, "student": ("stage1", "stage2"), "teacher": ("stage1", "stage2")},
+    "reviewkd_hcl": {"weight": 1.0, "student": ("stage1", "stage2"),
+                     "teacher": ("stage2", "stage2")},
+    "ofd": {"weight": 1e-3, **_MAPS},
+    "ab": {"weight": 1e-3, **_MAPS},
+    "ickd": {"weight": 1.0, **_MAPS},
+    "kta_affinity": {"weight": 1.0, **_MAPS},
+    "pad_l2": {"weight": 1.0, **_VECTORS},
+    "nd": {"weight": 1.0, **_VECTORS},
+    "uskd": {"weight": 1.0, "student": "stage2"},
+    "meal_v2_discriminator": {"weight": 1.0},
+    # The ViT pair (pair=vit): attention maps and values of the last blocks, equal head counts.
+    "minilm_attention": {"weight": 1.0, "student": "attn/1", "teacher": "attn/2"},
+    "minilm_value_relation": {"weight": 1.0, "student": "values/1", "teacher": "values/2"},
+    "minilm": {"weight": 1.0, "student": ("attn/1", "values/1"), "teacher": ("attn/2", "values/2")},
+    "minilmv2_relation": {"weight": 1.0, "student": "stage2", "teacher": "stage3",
+                          "hparams": {"num_relation_heads": 2}},
+}
+PAIRS = {
+    "mlp": ("digits_cnn_teacher", {}, "mlp", {"hidden_sizes": (64,)}),
+    "cnn": ("digits_cnn_teacher", {}, "digits_cnn_student", {}),
+    "vit": ("vit_tiny", {"patch_size": 2, "hidden_dim": 32, "depth": 3, "num_heads": 2,
+                         "mlp_dim": 64},
+            "vit_tiny", {"patch_size": 2, "hidden_dim": 16, "depth": 2, "num_heads": 2,
+                         "mlp_dim": 32}),
+}
+
+
+def terms_from_names(names: str, total_steps: int) -> tuple:
+  """`"fitnet+kd"` → (CE, FitNet, KD) terms; CE weighs 0.1 when KD is among them, else 1."""
+  names = [n for n in names.split("+") if n]
+  terms = [common.term("ce", weight=0.1 if "kd" in names else 1.0)]
+  for name in names:
+    fields = dict(TERMS.get(name, {}))
+    if name == "dkd":
+      fields["warmup_steps"] = max(total_steps // 12, 1)
+    terms.append(common.term(name, **fields))
+  return tuple(terms)
+
 
 def get_config(arg=None):
-  args = common.parse_arg(arg, runlocal=False, validate=False, seed=0)
+  args = common.parse_arg(arg, runlocal=False, validate=False, seed=0, pair="mlp", terms="")
+  if args.pair not in PAIRS:
+    raise ValueError(f"pair={args.pair!r} is unknown; valid: {', '.join(PAIRS)}")
   c = common.kd_config()
   c.seed = args.seed
   c.data.name = "digits"
@@ -38,18 +114,21 @@ def get_config(arg=None):
   c.data.in_memory = True
   if args.validate:
     c.data.train_split, c.data.eval_split = "train[:1000]", "train[1000:]"
-  c.teacher.model = "digits_cnn_teacher"
-  c.student.model = "mlp"
+  teacher, teacher_kwargs, student, student_kwargs = PAIRS[args.pair]
+  c.teacher.model, c.student.model = teacher, student
+  c.teacher.model_kwargs.update(teacher_kwargs)
+  c.student.model_kwargs.update(student_kwargs)
   c.teacher.num_epochs = 30
   c.student.num_epochs = 30
   c.checkpoint.every_steps = 200
   c.log.every_steps = 20
-  c.student.model_kwargs.hidden_sizes = (64,)
-  c.distill.hparams.temperature = 4.0
-  c.distill.alpha = 0.9
+  c.distill.terms = common.kd_terms(ce_weight=0.1, kd_weight=0.9, temperature=4.0)
   if args.runlocal:
     c.teacher.num_epochs = c.student.num_epochs = 1
     c.checkpoint.every_steps = 8
     c.log.every_steps = 4
+  if args.terms:
+    steps_per_epoch = (1000 if args.validate else 1300) // c.data.batch_size
+    c.distill.terms = terms_from_names(args.terms, c.student.num_epochs * steps_per_epoch)
   c.lock()
   return c

@@ -5,13 +5,15 @@ split, writes `results.json` and returns the rows of the comparison table. Every
 resumes from its own checkpoints, so rerunning with the same workdir continues where a
 killed run stopped, and a finished teacher is restored, not retrained.
 """
+import dataclasses
+import json
 import os
 
 import jax
 import jax.numpy as jnp
 
 from kd_jax import checkpoint, data, models, optim, precision, trainer
-from kd_jax.train_step import make_kd_objective
+from kd_jax.distiller import Distiller, Term, supervised
 
 
 def _build(model_name: str, model_kwargs: dict, field: str, num_classes: int, dtype, image_shape,
@@ -29,23 +31,13 @@ def _build(model_name: str, model_kwargs: dict, field: str, num_classes: int, dt
   return models.make_apply_fn(module), {"params": params, **model_state}, metadata
 
 
-def _check_objective(objective, student_apply, student_vars, teacher_apply, teacher_vars,
-                     image_shape, num_classes):
-  """Traces the objective once on abstract inputs so bad hyperparameters, feature names or
-  class-count mismatches fail at start-up, not after the teacher has trained."""
-  x = jax.ShapeDtypeStruct((2, *image_shape), jnp.float32)
-  s_out, _ = jax.eval_shape(lambda v, x: student_apply(v, x, train=False), student_vars, x)
-  t_out, _ = jax.eval_shape(lambda v, x: teacher_apply(v, x, train=False), teacher_vars, x)
-  if s_out.logits.shape[-1] != t_out.logits.shape[-1]:
-    raise ValueError(f"teacher has {t_out.logits.shape[-1]} classes but the student has "
-                     f"{s_out.logits.shape[-1]}; both must match the dataset ({num_classes})")
-  batch = {"image": x, "label": jax.ShapeDtypeStruct((2,), jnp.int32),
-           "mask": jax.ShapeDtypeStruct((2,), jnp.float32)}
-  try:
-    jax.eval_shape(lambda s, t, b: objective(s, t, b, {}), s_out, t_out, batch)
-  except (ValueError, KeyError, TypeError) as e:
-    raise ValueError(f"distill config is invalid ({type(e).__name__}: {e}); check distill.loss, "
-                     "distill.hparams and distill.*_feature") from None
+def distill_terms(config) -> list[Term]:
+  """`config.distill.terms` (a sequence of dicts) as `Term`s, errors naming the entry."""
+  terms = config.distill.terms
+  if not isinstance(terms, (list, tuple)):
+    raise ValueError(f"distill.terms must be a tuple of term dicts, got {type(terms).__name__}")
+  return [Term.from_config(t.to_dict() if hasattr(t, "to_dict") else t, f"distill.terms[{i}]")
+          for i, t in enumerate(terms)]
 
 
 def _open(data_config, split: str, data_dir):
@@ -102,12 +94,13 @@ def run(config, workdir: str) -> list[dict]:
       config.teacher.model, config.teacher.model_kwargs.to_dict(), "teacher.model", info.num_classes, dtype, image_shape, rng_teacher)
   student_apply, student_vars, student_meta = _build(
       config.student.model, config.student.model_kwargs.to_dict(), "student.model", info.num_classes, dtype, image_shape, rng_student)
-  kd_objective = make_kd_objective(
-      config.distill.loss, alpha=config.distill.alpha, loss_hparams=config.distill.hparams.to_dict(),
-      student_feature=config.distill.student_feature or None,
-      teacher_feature=config.distill.teacher_feature or None)
-  _check_objective(kd_objective, student_apply, student_vars, teacher_apply, teacher_vars,
-                   image_shape, info.num_classes)
+  terms = distill_terms(config)
+  distiller = Distiller(student_apply, terms, {"teacher": teacher_apply},
+                        num_data=len(train_source))
+  # Fails at start-up, not after the teacher has trained, on bad taps, shapes or hparams.
+  trainer.check_stage(trainer.Stage("student_kd", distiller, {"student": student_vars,
+                                                              "teacher": teacher_vars},
+                                    {}, make_tx(1)[0], 1), train_batches(config.seed), config.seed)
 
   options = trainer.LoopOptions(seed=config.seed, log_every=config.log.every_steps,
                                 checkpoint_every=config.checkpoint.every_steps,
@@ -128,7 +121,7 @@ def run(config, workdir: str) -> list[dict]:
   else:
     tx, steps = make_tx(config.teacher.num_epochs)
     teacher_vars = trainer.train(trainer.Stage(
-        "teacher", teacher_apply, teacher_vars, teacher_meta, make_kd_objective(None), tx, steps),
+        "teacher", supervised(teacher_apply), {"student": teacher_vars}, teacher_meta, tx, steps),
         workdir, train_batches(config.seed), options)
   finish("teacher", teacher_apply, teacher_vars, teacher_meta)
 
@@ -136,17 +129,22 @@ def run(config, workdir: str) -> list[dict]:
   student_batches = train_batches(config.seed + 1)
   if config.student.baseline:
     baseline_vars = trainer.train(trainer.Stage(
-        "student_baseline", student_apply, student_vars, student_meta, make_kd_objective(None),
+        "student_baseline", supervised(student_apply), {"student": student_vars}, student_meta,
         tx, steps), workdir, student_batches, options)
     finish("student_baseline", student_apply, baseline_vars, student_meta)
+  kd_meta = {**student_meta, "teacher": teacher_meta, "terms": [_jsonable(t) for t in terms]}
   kd_vars = trainer.train(trainer.Stage(
-      "student_kd", student_apply, student_vars, student_meta, kd_objective, tx, steps,
-      teacher_apply_fn=teacher_apply, teacher_variables=teacher_vars), workdir, student_batches,
-      options)
+      "student_kd", distiller, {"student": student_vars, "teacher": teacher_vars}, kd_meta, tx,
+      steps), workdir, student_batches, options)
   finish("student_kd", student_apply, kd_vars, student_meta)
   if jax.process_index() == 0:
     checkpoint.atomic_write_json(os.path.join(workdir, "results.json"), results)
   return results
+
+
+def _jsonable(term: Term) -> dict:
+  """A term as plain JSON (checkpoint metadata): tuples become lists."""
+  return json.loads(json.dumps(dataclasses.asdict(term), default=list))
 
 
 def format_table(rows: list[dict]) -> str:

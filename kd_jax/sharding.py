@@ -154,22 +154,21 @@ def _follow_params(tree: PyTree, by_path: dict[tuple, NamedSharding], mesh: Mesh
 
 def state_shardings(state, mesh: Mesh, rules: Rules = (), *,
                     fsdp_min_size: int = DEFAULT_FSDP_MIN_SIZE):
-  """Shardings for a `kd_jax.train_step.TrainState` (arrays or `jax.eval_shape` output).
+  """Shardings for a `kd_jax.step.TrainState` (arrays or `jax.eval_shape` output).
 
-  Params, model state and distill params follow `rules` (then auto-FSDP); every optimizer
-  state leaf follows the parameter it belongs to; the step counter is replicated.
+  Trainable and frozen networks and the loss state follow `rules` (then auto-FSDP); every
+  optimizer state leaf follows the parameter it belongs to; the step counter is replicated.
   """
-  trainable = {"student": state.params, "distill": state.distill_params}
-  trainable_sh = {k: param_shardings(v, mesh, rules, fsdp_min_size=fsdp_min_size)
-                  for k, v in trainable.items()}
+  trainable_sh = param_shardings(state.trainable, mesh, rules, fsdp_min_size=fsdp_min_size)
   by_path = {tuple(_key_str(k) for k in path): (_shape(leaf), sharding)
-             for (path, leaf), sharding in zip(jax.tree_util.tree_flatten_with_path(trainable)[0],
-                                               jax.tree.leaves(trainable_sh))}
+             for (path, leaf), sharding in zip(
+                 jax.tree_util.tree_flatten_with_path(state.trainable)[0],
+                 jax.tree.leaves(trainable_sh))}
   return state.replace(
       step=NamedSharding(mesh, PartitionSpec()),
-      params=trainable_sh["student"],
-      distill_params=trainable_sh["distill"],
-      model_state=param_shardings(state.model_state, mesh, rules, fsdp_min_size=fsdp_min_size),
+      trainable=trainable_sh,
+      frozen=param_shardings(state.frozen, mesh, rules, fsdp_min_size=fsdp_min_size),
+      extra=param_shardings(state.extra, mesh, rules, fsdp_min_size=fsdp_min_size),
       opt_state=_follow_params(state.opt_state, by_path, mesh))
 
 
@@ -218,35 +217,26 @@ def shard_batch(host_batch: PyTree, mesh: Mesh) -> PyTree:
   return jax.tree.map(one, host_batch)
 
 
-def jit_train_step(step: Callable, mesh: Mesh, state_shardings_: PyTree,
-                   teacher_shardings: PyTree | None = None) -> Callable:
-  """`jax.jit` of `step(state, teacher_vars, batch, rng) -> (state, metrics)` on `mesh`.
+def jit_train_step(step: Callable, mesh: Mesh, state_shardings_: PyTree) -> Callable:
+  """`jax.jit` of `step(state, batch, rng) -> (state, metrics)` on `mesh`.
 
   The state is donated and keeps its shardings; the batch is sharded by `batch_sharding`;
-  the rng and the metrics are replicated. Pass `teacher_shardings=None` when the step has
-  no teacher (`teacher_vars` is then replicated, e.g. `None` or `{}`).
+  the rng and the metrics are replicated.
   """
   replicated = NamedSharding(mesh, PartitionSpec())
-  teacher = replicated if teacher_shardings is None else teacher_shardings
-  return jax.jit(step, in_shardings=(state_shardings_, teacher, batch_sharding(mesh), replicated),
+  return jax.jit(step, in_shardings=(state_shardings_, batch_sharding(mesh), replicated),
                  out_shardings=(state_shardings_, replicated), donate_argnums=0)
 
 
-def shard_train_step(step: Callable, state, teacher_vars: PyTree, mesh: Mesh, rules: Rules = (), *,
+def shard_train_step(step: Callable, state, mesh: Mesh, rules: Rules = (), *,
                      fsdp_min_size: int = DEFAULT_FSDP_MIN_SIZE):
-  """Places `state` and `teacher_vars` on `mesh` by `rules` and jits `step` for them.
+  """Places `state` on `mesh` by `rules` and jits `step` for it.
 
   Returns:
-    `(jitted_step, state, teacher_vars)`: call `jitted_step(state, teacher_vars,
-    shard_batch(host_batch, mesh), rng)`. `teacher_vars` may be None (no teacher).
+    `(jitted_step, state)`: call `jitted_step(state, shard_batch(host_batch, mesh), rng)`.
   """
   state_sh = state_shardings(state, mesh, rules, fsdp_min_size=fsdp_min_size)
-  teacher_sh = (None if teacher_vars is None else
-                param_shardings(teacher_vars, mesh, rules, fsdp_min_size=fsdp_min_size))
-  if teacher_vars is not None:
-    teacher_vars = jax.device_put(teacher_vars, teacher_sh)
-  return (jit_train_step(step, mesh, state_sh, teacher_sh), jax.device_put(state, state_sh),
-          teacher_vars)
+  return jit_train_step(step, mesh, state_sh), jax.device_put(state, state_sh)
 
 
 def barrier(name: str) -> None:

@@ -1,45 +1,41 @@
 """Runs one training stage: resumable loop, checkpoints, metrics, NaN stop, evaluation.
 
 Used by the knowledge-distillation job for the teacher, the label-only baseline and the
-distilled student; regimes reuse it with their own step functions.
+distilled student; any `kd_jax.step.Method` runs through it.
 """
 import dataclasses
 import os
-from typing import Any, Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from kd_jax import checkpoint, metrics, sharding
-from kd_jax.train_step import ApplyFn, Objective, TrainState, make_eval_step, make_train_step
+from kd_jax import step as step_lib
 
 
 @dataclasses.dataclass
 class Stage:
-  """One model trained to completion.
+  """One method trained to completion.
 
   Attributes:
     name: also the stage's sub-directory of the workdir (`teacher`, `student_kd`, ...).
-    apply_fn: the trained model's apply function.
-    init_variables: `{"params", **model_state}` to start from.
-    metadata: checkpoint metadata (`model`, `num_classes`, `image_shape`, ...).
-    objective: the loss (see `train_step.make_kd_objective`).
-    tx: the optimizer.
+    method: what is trained (`kd_jax.distiller.Distiller` or any `kd_jax.step.Method`).
+    variables: the networks' initial variables `{"student": {"params", **model_state},
+      <teacher name>: ...}`, handed to `method.init`.
+    metadata: checkpoint metadata (`model`, `num_classes`, `image_shape`, terms, ...).
+    tx: the optimizer of every trainable part; `ascending` parts climb the loss.
     num_steps: total optimisation steps.
-    teacher_apply_fn, teacher_variables: the frozen teacher, or None.
-    distill_params: params of learnable loss parts, or None.
+    part_tx: per-part optimizers that replace `tx` (`{part: transformation}`).
   """
   name: str
-  apply_fn: ApplyFn
-  init_variables: dict
+  method: step_lib.Method
+  variables: dict
   metadata: dict
-  objective: Objective
   tx: optax.GradientTransformation
   num_steps: int
-  teacher_apply_fn: ApplyFn | None = None
-  teacher_variables: Any = None
-  distill_params: Any = None
+  part_tx: dict = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -53,7 +49,7 @@ class LoopOptions:
   mesh_rules: tuple = ()              # parameter-sharding regex table (FSDP etc.)
 
 
-def evaluate(apply_fn: ApplyFn, variables, batches: Iterable[dict],
+def evaluate(apply_fn: Callable, variables, batches: Iterable[dict],
              mesh_axes: tuple = (("data", -1),)) -> dict:
   """Exact accuracy and mean loss over `batches` (padding masked out).
 
@@ -61,7 +57,7 @@ def evaluate(apply_fn: ApplyFn, variables, batches: Iterable[dict],
   so their size must be a multiple of the batch shards per host.
   """
   mesh = sharding.make_mesh(mesh_axes)
-  eval_step = jax.jit(make_eval_step(apply_fn))
+  eval_step = jax.jit(step_lib.make_eval_step(apply_fn))
   totals = None
   for batch in batches:
     sums = eval_step(variables, sharding.shard_batch(batch, mesh))
@@ -92,15 +88,10 @@ def train(stage: Stage, workdir: str, train_batches: Callable[[int], Iterator[di
   stage_dir = os.path.join(workdir, stage.name)
   ckpt = checkpoint.Checkpointer(os.path.join(stage_dir, "checkpoints"), stage.metadata,
                                  keep=options.keep_checkpoints)
-  # Copies: the jitted step donates the state, and callers may reuse init_variables.
-  variables = jax.tree.map(jnp.array, stage.init_variables)
-  params = variables.pop("params")
-  model_state = variables
-  state = TrainState.create(params, model_state, stage.tx, stage.distill_params)
+  state, tx = init_state(stage, train_batches, options.seed)
   mesh = sharding.make_mesh(options.mesh_axes)
-  step_fn, state, teacher_vars = sharding.shard_train_step(
-      make_train_step(stage.apply_fn, stage.teacher_apply_fn, stage.objective, stage.tx), state,
-      stage.teacher_variables, mesh, options.mesh_rules)
+  step_fn, state = sharding.shard_train_step(step_lib.make_train_step(stage.method, tx), state,
+                                             mesh, options.mesh_rules)
   if ckpt.latest_step() is not None:
     state = ckpt.restore(state)  # into the shardings just placed
   start = int(state.step)
@@ -114,7 +105,7 @@ def train(stage: Stage, workdir: str, train_batches: Callable[[int], Iterator[di
     batches = train_batches(start)
     for step in range(start, stage.num_steps):
       batch = sharding.shard_batch(next(batches), mesh)
-      state, step_metrics = step_fn(state, teacher_vars, batch, rng)
+      state, step_metrics = step_fn(state, batch, rng)
       pending.add(step + 1, step_metrics)
       done = step + 1
       at_log = done % options.log_every == 0 or done == stage.num_steps
@@ -138,5 +129,31 @@ def train(stage: Stage, workdir: str, train_batches: Callable[[int], Iterator[di
     bar.close()
     writer.close()
     ckpt.close()
-  return {"params": state.params, **state.model_state}
+  return student_variables(state)
+
+
+def init_state(stage: Stage, train_batches: Callable[[int], Iterator[dict]], seed: int):
+  """The stage's initial `TrainState` (learnable parts shaped on the first batch) and its
+  optimizer."""
+  trainable, frozen, extra = stage.method.init(jax.random.PRNGKey(seed + 1), stage.variables,
+                                               next(train_batches(0)))
+  overrides = {part: step_lib.ascend(stage.part_tx.get(part, stage.tx))
+               for part in getattr(stage.method, "ascending_parts", ())}
+  tx = step_lib.per_part_optimizer(trainable, stage.tx, {**stage.part_tx, **overrides})
+  # Copies: the jitted step donates the state, and callers may reuse the variables.
+  return step_lib.TrainState.create(tx, *jax.tree.map(jnp.array, (trainable, frozen, extra))), tx
+
+
+def check_stage(stage: Stage, train_batches: Callable[[int], Iterator[dict]], seed: int) -> None:
+  """Builds the stage's state and traces its step on abstract values, so bad taps, shapes or
+  hyperparameters fail at start-up with the term's name, before anything trains."""
+  state, tx = init_state(stage, train_batches, seed)
+  batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), next(train_batches(0)))
+  jax.eval_shape(step_lib.make_train_step(stage.method, tx), state, batch,
+                 jax.random.PRNGKey(seed))
+
+
+def student_variables(state: step_lib.TrainState) -> dict:
+  """`{"params", **model_state}` of the student in `state`."""
+  return {"params": state.trainable["student"], **state.extra["model_state"]["student"]}
 

@@ -30,9 +30,10 @@ from kd_jax import sharding
 from kd_jax.dataset_distill import run as run_lib
 from kd_jax.dataset_distill.experts import train_expert
 from kd_jax.dataset_distill.matching import TrajectoryMatcher, make_inner_step
+from kd_jax.distiller import Distiller, Term
 from kd_jax.models.apply import init_model, make_apply_fn
 from kd_jax.models.output import ModelOutput
-from kd_jax.train_step import TrainState, make_kd_objective, make_train_step
+from kd_jax.step import TrainState, make_train_step, per_part_optimizer
 
 NUM_STEPS = 2
 GLOBAL_BATCH = 16
@@ -67,16 +68,21 @@ def make_batch(seed: int = 0, batch_size: int = GLOBAL_BATCH) -> dict[str, np.nd
 
 
 def build_problem(student_width=(8, 16), teacher_width=(16, 32)):
-  """Returns `(step, state, teacher_vars)`; everything is a deterministic function of seeds."""
+  """Returns `(step, state)` of 0.5·CE + 0.5·KD(T=4) with a BatchNorm student; the teacher is
+  `state.frozen["teacher"]`. Everything is a deterministic function of seeds."""
   student = TinyCNN(student_width, use_bn=True)
   teacher = TinyCNN(teacher_width)
   params, model_state = init_model(student, jax.random.PRNGKey(0), (1, *IMAGE_SHAPE))
   t_params, t_state = init_model(teacher, jax.random.PRNGKey(1), (1, *IMAGE_SHAPE))
-  tx = optax.sgd(0.1, momentum=0.9)
-  state = TrainState.create(params, model_state, tx)
-  objective = make_kd_objective("kd", alpha=0.5, loss_hparams={"temperature": 4.0})
-  step = make_train_step(make_apply_fn(student), make_apply_fn(teacher), objective, tx)
-  return step, state, {"params": t_params, **t_state}
+  distiller = Distiller(make_apply_fn(student),
+                        [Term("ce", weight=0.5),
+                         Term("kd", weight=0.5, hparams={"temperature": 4.0})],
+                        {"teacher": make_apply_fn(teacher)})
+  trainable, frozen, extra = distiller.init(
+      jax.random.PRNGKey(2), {"student": {"params": params, **model_state},
+                              "teacher": {"params": t_params, **t_state}}, make_batch())
+  tx = per_part_optimizer(trainable, optax.sgd(0.1, momentum=0.9))  # as kd_jax.trainer does
+  return make_train_step(distiller, tx), TrainState.create(tx, trainable, frozen, extra)
 
 
 def build_matching_problem():
@@ -105,19 +111,18 @@ def main(process_id: int, num_processes: int, port: int, out_path: str) -> None:
   jax.config.update("jax_num_cpu_devices", 2)
   sharding.initialize_distributed(f"localhost:{port}", num_processes, process_id)
   mesh = sharding.make_mesh([("data", -1), ("fsdp", 2)])
-  step, state, teacher_vars = build_problem()
-  rules = [("Dense_0/kernel", (None, "fsdp"))]
-  train_step, state, teacher_vars = sharding.shard_train_step(step, state, teacher_vars, mesh,
-                                                              rules, fsdp_min_size=64)
+  step, state = build_problem()
+  rules = [("Dense_0/kernel", (None, "fsdp"))]  # the student's and the teacher's
+  train_step, state = sharding.shard_train_step(step, state, mesh, rules, fsdp_min_size=64)
   per_host = GLOBAL_BATCH // num_processes
   losses = []
   for i in range(NUM_STEPS):
     host_batch = jax.tree.map(lambda x: x[process_id * per_host:(process_id + 1) * per_host],
                               make_batch(seed=i))
-    state, metrics = train_step(state, teacher_vars, sharding.shard_batch(host_batch, mesh),
+    state, metrics = train_step(state, sharding.shard_batch(host_batch, mesh),
                                 jax.random.PRNGKey(0))
     losses.append(float(metrics["train/loss"]))
-  params = multihost_utils.process_allgather(state.params, tiled=True)
+  params = multihost_utils.process_allgather(state.trainable["student"], tiled=True)
 
   matcher_kwargs, call_args, expert_args = build_matching_problem()
   matcher = TrajectoryMatcher(**matcher_kwargs,

@@ -30,10 +30,23 @@ def test_cifar100_recipe_matches_repdistiller(teacher, student):
   assert (config.teacher.num_epochs, config.student.num_epochs) == (240, 240)
   assert tuple(config.optim.decay_epochs) == (150, 180, 210) and config.optim.decay_rate == 0.1
   assert config.data.batch_size == 64 and config.optim.weight_decay == 5e-4
-  assert config.distill.hparams.temperature == 4.0 and config.distill.alpha == 0.9
+  ce, kd = (t.to_dict() for t in config.distill.terms)
+  assert ce == {"loss": "ce", "weight": 0.1}
+  assert kd == {"loss": "kd", "weight": 0.9, "hparams": {"temperature": 4.0}}
   assert config.teacher.model in models.list_models() and config.student.model in models.list_models()
   small_student = any(s in config.student.model for s in ("shufflenet", "mobilenet"))
   assert config.optim.learning_rate == (0.01 if small_student else 0.05)
+
+
+def test_digits_terms_arg_builds_ce_plus_each_named_term_with_its_taps():
+  config = importlib.import_module("configs.digits_kd").get_config("pair=cnn,terms=fitnet+kd")
+  assert config.student.model == "digits_cnn_student"
+  assert [t.loss for t in config.distill.terms] == ["ce", "fitnet", "kd"]
+  assert config.distill.terms[0].weight == 0.1 and config.distill.terms[1].student == "stage1"
+  dkd = importlib.import_module("configs.digits_kd").get_config("terms=dkd").distill.terms
+  assert dkd[0].weight == 1.0 and dkd[1].warmup_steps == 30 * (1300 // 64) // 12
+  with pytest.raises(ValueError, match="pair='resnet' is unknown; valid: mlp, cnn, vit"):
+    importlib.import_module("configs.digits_kd").get_config("pair=resnet")
 
 
 def test_parse_arg_rejects_unknown_names():

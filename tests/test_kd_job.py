@@ -40,7 +40,7 @@ def test_job_writes_table_metrics_tensorboard_and_checkpoints(finished_run):
     assert records[-1]["step"] == 20 and np.isfinite(records[-1]["train/loss"])
     events = os.listdir(os.path.join(workdir, stage, "tensorboard"))
     assert any(name.startswith("events.out.tfevents") for name in events)
-  assert "distill/kd" in records[-1]
+  assert "terms/kd" in records[-1] and "terms/ce" in records[-1]
   table = kd_job.format_table(rows)
   assert "student_kd" in table and "%" in table
 
@@ -73,8 +73,15 @@ def test_teacher_checkpoint_with_other_class_count_is_rejected(finished_run, dig
 
 @pytest.mark.parametrize("key,value,message", [
     ("teacher.model", "resnet9000", r"teacher.model: unknown model 'resnet9000'; valid names: .*resnet8x4"),
-    ("distill.loss", "kdd", r"unknown loss 'kdd'; valid names: .*kd"),
-    ("distill.hparams.temperature", 0.0, r"temperature"),
+    ("distill.terms", ({"loss": "kdd"},), r"distill.terms\[0\] \(kdd\): unknown loss 'kdd'; "
+                                          r"valid names: .*kd"),
+    ("distill.terms", ({"loss": "kd", "hparams": {"temperature": 0.0}},), r"temperature"),
+    ("distill.terms", ({"loss": "sp", "student": "pre_logits", "teacher": "pre_logits",
+                        "hparams": {"temperature": 4.0}},),
+     r"loss 'sp' does not take 'temperature'; its hyperparameters are: p=2"),
+    ("distill.terms", ({"loss": "fitnet", "student": "stage9", "teacher": "stage2"},),
+     r"distill.terms\[0\] \(fitnet\): the student has no feature 'stage9'; its taps are: "
+     r"logits, pre_logits, stage1"),
     ("data.name", "no_such_dataset_xyz", r"no_such_dataset_xyz"),
     ("precision", "float8", r"precision='float8' is unknown"),
     ("data.batch_size", 5000, r"data.batch_size=5000"),
@@ -97,6 +104,23 @@ def _main(workdir, data_dir, *extra):
           f"--workdir={workdir}", f"--config.data.data_dir={data_dir}", *extra]
 
 
+def test_feature_terms_with_automatic_adapters_run_from_the_command_line(tmp_path, digits_data_dir):
+  """KD + FitNet on a named feature pair (an adapter created for the width change) + SP on
+  pre_logits, all from `--config.distill.terms`."""
+  terms = ("({'loss': 'ce', 'weight': 0.1}, {'loss': 'kd', 'weight': 0.9}, "
+           "{'loss': 'fitnet', 'student': 'stage1', 'teacher': 'stage2'}, "
+           "{'loss': 'sp', 'student': 'pre_logits', 'teacher': 'pre_logits'})")
+  command = _main(tmp_path, digits_data_dir, f"--config.distill.terms={terms}")
+  command[3] = "--config=configs/digits_kd.py:runlocal,pair=cnn"
+  proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=400)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "student_kd" in proc.stdout
+  record = metrics.read_jsonl(os.path.join(tmp_path, "student_kd", "metrics.jsonl"))[-1]
+  assert all(np.isfinite(record[f"terms/{name}"]) for name in ("ce", "kd", "fitnet", "sp"))
+  meta = json.load(open(next((tmp_path / "student_kd" / "checkpoints").glob("*/meta/metadata"))))
+  assert [t["loss"] for t in meta["terms"]] == ["ce", "kd", "fitnet", "sp"]
+
+
 def test_unknown_config_key_names_the_key(tmp_path, digits_data_dir):
   proc = subprocess.run(_main(tmp_path, digits_data_dir, "--config.distill.temprature=2"),
                         cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -106,7 +130,7 @@ def test_unknown_config_key_names_the_key(tmp_path, digits_data_dir):
 
 def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(digits_data_dir, tmp_path):
   from kd_jax import data, models, optim, trainer  # pylint: disable=g-import-not-at-top
-  from kd_jax.train_step import make_kd_objective  # pylint: disable=g-import-not-at-top
+  from kd_jax.distiller import supervised  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   images, labels = data.load_arrays("digits", "train", digits_data_dir)
   source = data.ArrayDataSource(images.astype(np.float32), labels)
@@ -119,9 +143,10 @@ def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(digits_data_dir
 
   module = models.create_model("digits_cnn_student", num_classes=10)
   params, model_state = models.init_model(module, jax.random.PRNGKey(0), (1, 8, 8, 1))
-  stage = trainer.Stage("student", models.make_apply_fn(module), {"params": params, **model_state},
+  stage = trainer.Stage("student", supervised(models.make_apply_fn(module)),
+                        {"student": {"params": params, **model_state}},
                         {"model": "digits_cnn_student", "num_classes": 10, "image_shape": [8, 8, 1]},
-                        make_kd_objective(None), optim.make_optimizer(
+                        optim.make_optimizer(
                             name="sgd", schedule=optim.make_schedule(
                                 name="constant", learning_rate=0.01, total_steps=40, steps_per_epoch=40)),
                         num_steps=40)

@@ -51,14 +51,14 @@ def test_two_processes_match_single_process(tmp_path):
   result = np.load(out)
   assert int(result["devices"]) == 4  # 2 processes × 2 devices, one global mesh
 
-  step, state, teacher_vars = build_problem()
+  step, state = build_problem()
   step = jax.jit(step)
   losses = []
   for i in range(NUM_STEPS):
-    state, metrics = step(state, teacher_vars, make_batch(seed=i), jax.random.PRNGKey(0))
+    state, metrics = step(state, make_batch(seed=i), jax.random.PRNGKey(0))
     losses.append(float(metrics["train/loss"]))
   np.testing.assert_allclose(result["losses"], losses, rtol=1e-5)
-  for path, want in jax.tree_util.tree_flatten_with_path(state.params)[0]:
+  for path, want in jax.tree_util.tree_flatten_with_path(state.trainable["student"])[0]:
     np.testing.assert_allclose(result[jax.tree_util.keystr(path)], want, rtol=1e-5, atol=1e-6)
 
   matcher_kwargs, call_args, expert_args = build_matching_problem()

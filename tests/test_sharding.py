@@ -12,23 +12,23 @@ def _as_numpy(tree):
   return jax.tree.map(np.asarray, tree)
 
 
-def _run_single_device(step, state, teacher_vars, num_steps):
+def _run_single_device(step, state, num_steps):
   step = jax.jit(step)
   history = []
   for i in range(num_steps):
-    state, metrics = step(state, teacher_vars, make_batch(seed=i), jax.random.PRNGKey(0))
+    state, metrics = step(state, make_batch(seed=i), jax.random.PRNGKey(0))
     history.append(metrics)
   return _as_numpy(state), _as_numpy(history)
 
 
-def _run_sharded(step, state, teacher_vars, num_steps, axes, rules=(), fsdp_min_size=64):
+def _run_sharded(step, state, num_steps, axes, rules=(), fsdp_min_size=64):
   mesh = sharding.make_mesh(axes)
   state_sh = sharding.state_shardings(state, mesh, rules, fsdp_min_size=fsdp_min_size)
-  train_step, state, teacher_vars = sharding.shard_train_step(
-      step, state, teacher_vars, mesh, rules, fsdp_min_size=fsdp_min_size)
+  train_step, state = sharding.shard_train_step(step, state, mesh, rules,
+                                                fsdp_min_size=fsdp_min_size)
   history = []
   for i in range(num_steps):
-    state, metrics = train_step(state, teacher_vars, sharding.shard_batch(make_batch(seed=i), mesh),
+    state, metrics = train_step(state, sharding.shard_batch(make_batch(seed=i), mesh),
                                 jax.random.PRNGKey(0))
     history.append(metrics)
   assert jax.tree.all(jax.tree.map(lambda x, s: x.sharding.is_equivalent_to(s, x.ndim),
@@ -37,8 +37,8 @@ def _run_sharded(step, state, teacher_vars, num_steps, axes, rules=(), fsdp_min_
 
 
 def _abstract_problem(**widths):
-  """(state, teacher_vars) as `jax.ShapeDtypeStruct`s: traced, never compiled."""
-  return jax.eval_shape(lambda: build_problem(**widths)[1:])
+  """The `TrainState` as `jax.ShapeDtypeStruct`s: traced, never compiled."""
+  return jax.eval_shape(lambda: build_problem(**widths)[1])
 
 
 def _zeros(tree):
@@ -47,23 +47,25 @@ def _zeros(tree):
 
 @pytest.fixture(scope="module")
 def problem():
-  step, state, teacher_vars = build_problem()
-  state, teacher_vars = _as_numpy(state), _as_numpy(teacher_vars)
-  return step, state, teacher_vars, _run_single_device(step, state, teacher_vars, num_steps=2)
+  step, state = build_problem()
+  state = _as_numpy(state)
+  return step, state, _run_single_device(step, state, num_steps=2)
 
 
 @pytest.mark.parametrize("axes", [[("data", -1)], [("data", -1), ("fsdp", 2)], [("fsdp", 8)]])
 def test_sharded_kd_step_equals_single_device(problem, axes):
-  step, state, teacher_vars, (want_state, want_metrics) = problem
-  got_state, got_metrics, state_sh = _run_sharded(step, state, teacher_vars, 2, axes)
-  # Metrics (loss, CE, KD, grad norm), params, BatchNorm statistics and the momentum buffer
-  # (= the first step's gradient, accumulated) all match.
+  step, state, (want_state, want_metrics) = problem
+  got_state, got_metrics, state_sh = _run_sharded(step, state, 2, axes)
+  # Metrics (loss, CE, KD, grad norm), params, BatchNorm statistics, the teacher and the
+  # momentum buffer (= the first step's gradient, accumulated) all match.
+  assert set(want_metrics[0]) >= {"train/loss", "terms/ce", "terms/kd", "grads/l2"}
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                got_metrics, want_metrics)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                got_state, want_state)
   if ("fsdp", 2) in axes or ("fsdp", 8) in axes:
-    assert state_sh.params["Conv_1"]["kernel"].spec != P()
+    assert state_sh.trainable["student"]["Conv_1"]["kernel"].spec != P()
+    assert state_sh.frozen["teacher"]["params"]["Conv_1"]["kernel"].spec != P()
 
 
 def _per_device_bytes(tree, device):
@@ -72,11 +74,11 @@ def _per_device_bytes(tree, device):
 
 
 def test_fsdp_divides_per_device_parameter_bytes():
-  state, teacher_vars = _zeros(_abstract_problem(student_width=(32, 64), teacher_width=(64, 128)))
+  state = _zeros(_abstract_problem(student_width=(32, 64), teacher_width=(64, 128)))
   big = 1000  # leaves below this many elements stay replicated
   for fsdp in (2, 4, 8):
     mesh = sharding.make_mesh([("data", -1), ("fsdp", fsdp)])
-    for tree in (state.params, teacher_vars):
+    for tree in (state.trainable["student"], state.frozen["teacher"]):
       placed = jax.device_put(tree, sharding.param_shardings(tree, mesh, fsdp_min_size=big))
       leaves = jax.tree.leaves(tree)
       want = sum(x.nbytes // fsdp if x.size >= big else x.nbytes for x in leaves)
@@ -86,25 +88,41 @@ def test_fsdp_divides_per_device_parameter_bytes():
 
 
 def test_optimizer_state_follows_its_param():
-  state, _ = _abstract_problem()
+  state = _abstract_problem()
   mesh = sharding.make_mesh([("data", 2), ("fsdp", 4)])
   state_sh = sharding.state_shardings(state, mesh, fsdp_min_size=64)
-  trace = state_sh.opt_state[0].trace
-  assert trace["student"] == state_sh.params
-  assert state_sh.params["Conv_1"]["kernel"].spec == P(None, None, None, "fsdp")
+  # per_part_optimizer: one optax.multi_transform branch per trainable part.
+  trace = state_sh.opt_state.inner_states["student"].inner_state[0].trace
+  assert trace["student"] == state_sh.trainable["student"]
+  assert state_sh.trainable["student"]["Conv_1"]["kernel"].spec == P(None, None, None, "fsdp")
   assert state_sh.step.spec == P()
 
 
 def test_rules_override_auto_fsdp_and_match_regex():
-  state, teacher_vars = _abstract_problem()
+  state = _abstract_problem()
   mesh = sharding.make_mesh([("data", -1), ("fsdp", 2)])
   rules = [(r"Dense_0/kernel$", (None, "fsdp")), (r"Conv_\d/kernel$", ())]
-  params_sh = sharding.param_shardings(state.params, mesh, rules, fsdp_min_size=1)
-  teacher_sh = sharding.param_shardings(teacher_vars, mesh, rules, fsdp_min_size=1)
-  for tree in (params_sh, teacher_sh["params"]):
+  state_sh = sharding.state_shardings(state, mesh, rules, fsdp_min_size=1)
+  for tree in (state_sh.trainable["student"], state_sh.frozen["teacher"]["params"]):
     assert tree["Dense_0"]["kernel"].spec == P(None, "fsdp")
     assert tree["Conv_0"]["kernel"].spec == P()
     assert tree["Conv_1"]["bias"].spec == P("fsdp")  # no rule: auto FSDP
+
+
+def test_rules_match_full_state_paths():
+  """Rules see the path inside the state's tree: `student/...` in `trainable`,
+  `teacher/params/...` in `frozen`, `model_state/student/batch_stats/...` in `extra`."""
+  state = _abstract_problem()
+  mesh = sharding.make_mesh([("data", -1), ("fsdp", 2)])
+  rules = [(r"^teacher/params/Conv_1/kernel$", ()),
+           (r"^student/Conv_1/kernel$", (None, None, None, "fsdp")),
+           (r"^model_state/student/batch_stats/", ())]
+  state_sh = sharding.state_shardings(state, mesh, rules, fsdp_min_size=1)
+  assert state_sh.frozen["teacher"]["params"]["Conv_1"]["kernel"].spec == P()
+  assert state_sh.trainable["student"]["Conv_1"]["kernel"].spec == P(None, None, None, "fsdp")
+  stats = state_sh.extra["model_state"]["student"]["batch_stats"]
+  assert all(s.spec == P() for s in jax.tree.leaves(stats))
+  assert state_sh.frozen["teacher"]["params"]["Conv_0"]["kernel"].spec != P()  # auto FSDP
 
 
 def test_shard_batch_builds_the_global_batch():
@@ -136,14 +154,14 @@ def test_make_mesh_fills_the_rest():
 
 
 def test_bad_rules_raise_naming_the_rule():
-  state, _ = _abstract_problem()
+  params = _abstract_problem().trainable
   mesh = sharding.make_mesh([("data", -1), ("fsdp", 8)])
   with pytest.raises(ValueError, match=r"mesh.rules.*Dense_0.*does not divide"):
-    sharding.param_shardings(state.params, mesh, [("Dense_0/kernel", (None, "fsdp"))])
+    sharding.param_shardings(params, mesh, [("Dense_0/kernel", (None, "fsdp"))])
   with pytest.raises(ValueError, match=r"mesh.rules.*not in the mesh"):
-    sharding.param_shardings(state.params, mesh, [("kernel", ("model",))])
+    sharding.param_shardings(params, mesh, [("kernel", ("model",))])
   with pytest.raises(ValueError, match=r"mesh.rules.*dimensions"):
-    sharding.param_shardings(state.params, mesh, [("bias", (None, None))])
+    sharding.param_shardings(params, mesh, [("bias", (None, None))])
 
 
 def test_initialize_distributed_is_a_noop_for_one_process(monkeypatch):

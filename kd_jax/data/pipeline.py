@@ -65,8 +65,9 @@ def train_batches(source, *, batch_size: int, seed: int, start_step: int = 0,
     process_index, process_count: this host and the number of hosts (`jax.process_index()/process_count()`).
     prefetch: batches prepared ahead in a background thread; 0 prepares them in the caller.
   Yields:
-    `{"image": float32 [b, H, W, C], "label": int32 [b] (or float32 [b, K] soft labels), "mask": float32 [b]}`,
-    `b = batch_size // process_count`; the mask is all ones.
+    `{"image": float32 [b, H, W, C], "label": int32 [b] (or float32 [b, K] soft labels), "mask": float32 [b],
+    "index": int32 [b]}`, `b = batch_size // process_count`; the mask is all ones and `index` holds the rows'
+    positions in `source` (CRD's memory bank needs them).
   """
   rows = _host_rows(batch_size, process_index, process_count)
   if not isinstance(seed, (int, np.integer)) or seed < 0:
@@ -88,7 +89,8 @@ def train_batches(source, *, batch_size: int, seed: int, start_step: int = 0,
       draws = augment_lib.sample_augment(augment, batch_size, _rng(seed, _AUGMENT_STREAM, step))
       images, labels = gather(source, indices)
       images = augment_lib.apply_augment(images, {name: d[rows] for name, d in draws.items()}, augment)
-      yield _finish(images, labels, np.ones(len(indices), np.float32), mean, std)
+      batch = _finish(images, labels, np.ones(len(indices), np.float32), mean, std)
+      yield {**batch, "index": np.asarray(indices, np.int32)}
 
   return _prefetch(batches(), prefetch)
 

@@ -73,14 +73,14 @@ def _open(name: str, split: str, data_dir):
     source = builder.as_data_source(split=split)
     num_examples = len(source)
   except NotImplementedError as e:  # TFDS's answer for formats without random access.
-    if not builder.is_prepared():
-      raise ValueError(not_prepared) from e
+    if not builder.is_prepared():  # `from None`: TFDS's message claims it is prepared as tfrecord
+      raise ValueError(not_prepared) from None
     raise ValueError(f"Dataset {name!r} in {builder.data_dir} is stored as {builder.info.file_format.value}, "
                      f"which needs TensorFlow to read; kd_jax reads array_record only. "
                      f"{_prepare_hint(name, data_dir)}") from e
   except (KeyError, ValueError) as e:
     if not builder.is_prepared():
-      raise ValueError(not_prepared) from e
+      raise ValueError(not_prepared) from None
     raise ValueError(f"Bad split {split!r} for dataset {name!r}: {e}") from e
   if num_examples == 0:
     raise ValueError(f"Split {split!r} of dataset {name!r} in {builder.data_dir} is empty. "

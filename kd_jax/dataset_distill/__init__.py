@@ -7,7 +7,7 @@ optionally split over devices), `distilled_set` (files), `plots`, and `run.run(c
 workdir)` for the `distill_dataset` job.
 """
 from kd_jax.dataset_distill.datm import StartWindow, datm_window, mtt_window, should_update
-from kd_jax.dataset_distill.distill import MatchingConfig, SyntheticSet, distill
+from kd_jax.dataset_distill.distill import MatchingConfig, Recording, SyntheticSet, distill
 from kd_jax.dataset_distill.distilled_set import load_distilled, save_distilled
 from kd_jax.dataset_distill.evaluate import evaluate_set, networks_accuracy, train_networks
 from kd_jax.dataset_distill.experts import load_buffer, train_expert, train_experts

@@ -28,7 +28,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from kd_jax.dataset_distill.experts import epoch_batches, make_indexed_train_step
 from kd_jax.sharding import DATA_AXIS
-from kd_jax.train_step import TrainState, make_eval_step, make_kd_objective, make_train_step
+from kd_jax.distiller import supervised, supervised_state
+from kd_jax.step import make_eval_step, make_train_step
 
 _NETS = PartitionSpec(DATA_AXIS)  # leading (network) axis split over `data`
 _SHARED = PartitionSpec()
@@ -48,7 +49,7 @@ def make_eval_tx(lr, *, decay_step, momentum: float = 0.9,
 def _init_states(keys, *, init_params, momentum, weight_decay):
   """`[K]` keys → K fresh `TrainState`s stacked `[K, ...]`."""
   tx = make_eval_tx(1.0, decay_step=0, momentum=momentum, weight_decay=weight_decay)
-  return jax.vmap(lambda key: TrainState.create(init_params(key), {}, tx))(keys)
+  return jax.vmap(lambda key: supervised_state({"params": init_params(key)}, tx))(keys)
 
 
 @functools.partial(jax.jit, donate_argnums=0,
@@ -73,10 +74,10 @@ def _network_batches(images, labels, indices, key, *, augment):
 @functools.partial(jax.jit, donate_argnums=0,
                    static_argnames=("apply_fn", "momentum", "weight_decay"))
 def _network_update(state, x, y, mask, key, lr, decay_step, *, apply_fn, momentum, weight_decay):
-  """`make_train_step`'s step (plain CE) of one network on a ready batch."""
+  """`kd_jax.step.make_train_step`'s step (plain CE) of one network on a ready batch."""
   tx = make_eval_tx(lr, decay_step=decay_step, momentum=momentum, weight_decay=weight_decay)
-  step = make_train_step(apply_fn, None, make_kd_objective(None), tx)
-  return step(state, None, {"image": x, "label": y, "mask": mask}, key)[0]
+  step = make_train_step(supervised(apply_fn), tx)
+  return step(state, {"image": x, "label": y, "mask": mask}, key)[0]
 
 
 @functools.partial(jax.jit, donate_argnums=0,
@@ -176,7 +177,7 @@ def train_networks(apply_fn, init_params: Callable, images, labels, *, num_nets:
     for key, idx, mask in steps():
       states = _sharded_networks_step(states, images, labels, place(idx), place(mask), key,
                                       augment=augment, mesh=mesh, **step_args)
-    return states.params
+    return states.trainable["student"]
   states = [jax.tree.map(lambda leaf: leaf[k], states) for k in range(num_nets)]
   for key, idx, mask in steps():
     if vectorize:
@@ -187,7 +188,7 @@ def train_networks(apply_fn, init_params: Callable, images, labels, *, num_nets:
       for k in range(num_nets):
         states[k] = _one_network_step(states[k], images, labels, idx[k], mask[k], key,
                                       augment=augment, **step_args)
-  return jax.tree.map(lambda *p: jnp.stack(p), *[s.params for s in states])
+  return jax.tree.map(lambda *p: jnp.stack(p), *[s.trainable["student"] for s in states])
 
 
 def networks_accuracy(apply_fn, stacked_params, images, labels, *, batch_size: int = 500,

@@ -25,7 +25,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 import kd_jax
 from kd_jax import sharding
 from kd_jax.checkpoint import atomic_write_json
-from kd_jax.train_step import TrainState, make_kd_objective, make_train_step
+from kd_jax.distiller import supervised, supervised_state
+from kd_jax.step import make_train_step
 
 TRAJECTORIES = "trajectories.npy"
 METADATA = "buffer.json"
@@ -65,21 +66,21 @@ def make_indexed_train_step(apply_fn, tx: optax.GradientTransformation,
                             augment: Callable | None = None):
   """Returns `step(state, images, labels, indices, mask, key) -> state`, not jitted.
 
-  The standard `make_train_step` with plain CE (labels may be class ids or probabilities) on
+  The standard `kd_jax.step.make_train_step` with plain CE (labels may be class ids or probabilities) on
   the batch `augment(images[indices], key)`. Images stay on the device; only indices travel,
   and the batch is split over devices the way `indices` is.
   The caller draws a fresh `key` per step; under `jax.vmap` over networks pass one shared key
   so that DSA's family choice stays a real branch (a batched key turns `lax.switch` into
   computing every family).
   """
-  train_step = make_train_step(apply_fn, None, make_kd_objective(None), tx)
+  train_step = make_train_step(supervised(apply_fn), tx)
 
   def step(state, images, labels, indices, mask, key):
     x = images[indices]
     if augment is not None:
       x = augment(x, key)
     batch = {"image": x, "label": labels[indices], "mask": mask}
-    return train_step(state, None, batch, key)[0]
+    return train_step(state, batch, key)[0]
 
   return step
 
@@ -97,7 +98,7 @@ def train_expert(apply_fn, init_params: Callable, images: np.ndarray, labels: np
   tx = optax.sgd(lr)
   step = jax.jit(make_indexed_train_step(apply_fn, tx, augment), donate_argnums=0)
   params = init_params(jax.random.key(seed))
-  state = TrainState.create(params, {}, tx)
+  state = supervised_state({"params": params}, tx)
   images, labels = jnp.asarray(images), jnp.asarray(labels)
   place_batch = lambda x: x
   if mesh is not None:
@@ -110,14 +111,14 @@ def train_expert(apply_fn, init_params: Callable, images: np.ndarray, labels: np
     place_batch = lambda x: jax.device_put(x, batch)  # the step's batch follows it
   rng = np.random.default_rng(seed)
   key = jax.random.key(seed + 1)
-  trajectory = [np.asarray(ravel_pytree(state.params)[0], np.float32)]
+  trajectory = [np.asarray(ravel_pytree(state.trainable["student"])[0], np.float32)]
   t = 0
   for _ in range(epochs):
     for idx, mask in epoch_batches(rng, images.shape[0], batch_size):
       state = step(state, images, labels, place_batch(idx), place_batch(mask),
                    jax.random.fold_in(key, t))
       t += 1
-    trajectory.append(np.asarray(ravel_pytree(state.params)[0], np.float32))
+    trajectory.append(np.asarray(ravel_pytree(state.trainable["student"])[0], np.float32))
   return np.stack(trajectory)
 
 

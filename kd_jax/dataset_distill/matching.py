@@ -1,7 +1,7 @@
 """Trajectory matching (MTT; Cazenavette et al., CVPR 2022) with an exact constant-memory gradient.
 
 Inner training is N SGD steps on synthetic minibatches, θ_{i+1} = θ_i − α·g_i with
-g_i = ∇_θ ℓ(θ_i; A_i(X[b_i]), Y[b_i]); the update is `kd_jax.train_step.sgd_update` (there
+g_i = ∇_θ ℓ(θ_i; A_i(X[b_i]), Y[b_i]); the update is `kd_jax.step.sgd_update` (there
 is no second SGD). The matching loss is
 
   L = ‖θ_N − θ*_{t+M}‖² / ‖θ*_t − θ*_{t+M}‖².
@@ -28,7 +28,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from kd_jax import sharding
-from kd_jax.train_step import make_kd_objective, make_loss_fn, sgd_update
+from kd_jax.distiller import supervised
+from kd_jax.step import sgd_update
 
 MODES = ("exact", "tesla", "unrolled")
 LABEL_KINDS = ("hard", "probs", "logits")
@@ -73,8 +74,8 @@ def make_inner_step(apply_fn, unravel: Callable, *, label_kind: str = "hard",
                     augment: Callable | None = None) -> InnerStep:
   """Returns the `InnerStep` of cross-entropy SGD on synthetic minibatches.
 
-  The loss is the KD job's training loss (`train_step.make_loss_fn` with the label-only
-  objective), so dataset distillation differentiates through the same step as training.
+  The loss is the KD job's training loss (`kd_jax.distiller.supervised`, the label-only
+  method), so dataset distillation differentiates through the same step as training.
 
   Args:
     apply_fn: kd_jax apply function of a model without mutable state (e.g. ConvNet with
@@ -88,14 +89,15 @@ def make_inner_step(apply_fn, unravel: Callable, *, label_kind: str = "hard",
   if label_kind not in LABEL_KINDS:
     raise ValueError(f"label_kind must be one of {LABEL_KINDS}, got {label_kind!r}")
 
-  train_loss = make_loss_fn(apply_fn, None, make_kd_objective(None))
+  method = supervised(apply_fn)
 
   def loss(theta, images, labels, indices, key):
     x = images[indices]  # split over devices like `indices` (TrajectoryMatcher places them)
     if augment is not None:
       x = augment(x, key)
     batch = {"image": x, "label": label_targets(labels[indices], label_kind)}
-    value, _ = train_loss({"student": unravel(theta), "distill": {}}, {}, None, batch, key)
+    value, _ = method.loss({"student": unravel(theta)}, {}, {"model_state": {"student": {}}},
+                           batch, 0, key)
     return value
 
   return InnerStep(loss)

@@ -22,8 +22,10 @@
   eval.num_nets, eval.epochs, eval.batch_size, eval.fixed_lr, eval.every (iterations; 0 = end
   only), eval.curve_nets, eval.full_data_epochs (0 = skip full-data training), eval.vectorize
   (networks trained together, split over gcd(networks, local devices) devices)
-Outputs in workdir: experts/ (buffer), distilled.npz + distilled.json, zca.npz (if ZCA),
-synthetic_images.png, accuracy_curve.png, results.json.
+Outputs in workdir: experts/ (buffer), distill/ (the matching loop's checkpoints/,
+metrics.jsonl, tensorboard/, and curve.json, the evaluations so far), distilled.npz +
+distilled.json, zca.npz (if ZCA), synthetic_images.png, accuracy_curve.png, results.json.
+A rerun in the same workdir reuses the experts and resumes matching from its latest checkpoint.
 """
 import json
 import math
@@ -44,7 +46,7 @@ from kd_jax.data.dsa import diff_augment
 from kd_jax.data.zca import fit_zca, zca_apply, zca_inverse
 from kd_jax.dataset_distill import plots
 from kd_jax.dataset_distill.datm import StartWindow
-from kd_jax.dataset_distill.distill import MatchingConfig, SyntheticSet, distill
+from kd_jax.dataset_distill.distill import MatchingConfig, Recording, SyntheticSet, distill
 from kd_jax.dataset_distill.distilled_set import save_distilled
 from kd_jax.dataset_distill.evaluate import evaluate_set
 from kd_jax.dataset_distill.experts import train_experts
@@ -172,14 +174,23 @@ def run(config, workdir) -> dict:
       apply_fn, init_params, x, y, test_x, test_y, num_nets=nets, lr=lr,
       mesh=_networks_mesh(nets) if config.eval.vectorize else None, **{**eval_kwargs, **kw})
 
-  curve = []
+  recording = Recording(str(workdir / "distill"),
+                        metadata={**identity, "ipc": d.ipc, "label_kind": d.label_kind})
+  curve_file = Path(recording.directory) / "curve.json"
+  curve = json.loads(curve_file.read_text()) if curve_file.exists() else []
 
   def callback(it, s):
-    if config.eval.every and (it % config.eval.every == 0 or it == d.iterations) and s.lr > 0:
-      r = evaluate(np.asarray(s.images), targets(s), float(s.lr), config.eval.curve_nets)
-      curve.append({"iteration": it, **r})
-      print(f"eval @ {it}: {100 * r['mean']:.2f} ± {100 * r['std']:.2f} (learned lr "
-            f"{float(s.lr):.5f})")
+    curve[:] = [c for c in curve if c["iteration"] < it]  # a resumed run redoes later points
+    if not (config.eval.every and (it % config.eval.every == 0 or it == d.iterations)
+            and s.lr > 0):
+      return None
+    r = evaluate(np.asarray(s.images), targets(s), float(s.lr), config.eval.curve_nets)
+    curve.append({"iteration": it, **r})
+    if jax.process_index() == 0:
+      atomic_write_json(curve_file, curve)
+    print(f"eval @ {it}: {100 * r['mean']:.2f} ± {100 * r['std']:.2f} (learned lr "
+          f"{float(s.lr):.5f})")
+    return {"eval/accuracy": r["mean"], "eval/accuracy_std": r["std"]}
 
   matching = MatchingConfig(
       iterations=d.iterations, syn_steps=d.syn_steps, expert_epochs=d.expert_epochs,
@@ -190,8 +201,8 @@ def run(config, workdir) -> dict:
       threshold=d.threshold if d.threshold > 0 else None, seed=config.seed,
       segments=d.segments)
   t1 = time.time()
-  result = distill(trajectories, apply_fn, unravel, synthetic, matching, augment=augment,
-                   mesh=mesh, callback=callback)
+  result = distill(trajectories, apply_fn, unravel, synthetic, matching, recording,
+                   augment=augment, mesh=mesh, callback=callback)
   t_distill = time.time() - t1
 
   final_images, final_targets, learned_lr = (np.asarray(result.images), targets(result),

@@ -2,9 +2,11 @@
 
 Per token and per head: for query token i of head a, KL(teacher_row ‖ student_row) over the
 key tokens. Outputs are `[B, T]` (averaged over heads) or `[B]` with `per_example=True`
-(averaged over real tokens too), float32, teacher gradient-stopped. A `token_mask: [B, T]`
-removes padded keys from every distribution and zeroes padded query rows; reduce `[B, T]`
-with `kd_jax.losses.masked_mean(values, token_mask)` to get MiniLM's 1/(A_h·|x|) Σ Σ KL.
+(averaged over real tokens too), float32, teacher gradient-stopped. The keyword-only
+`mask: [B, T]` (1 = real token, 0 = padding) removes padded keys from every distribution and
+zeroes padded query rows; reduce `[B, T]` with `kd_jax.losses.masked_mean(values, mask)` to get
+MiniLM's 1/(A_h·|x|) Σ Σ KL. `per_example` and `num_relation_heads` are static (they set the
+output's shape and the head split).
 
 MiniLM distils the LAST layer of the teacher into the last layer of the student (MiniLMv2:
 an upper-middle teacher layer); pick those layers' tensors when calling.
@@ -24,24 +26,24 @@ from kd_jax.losses.registry import register
 _MASKED = -1e30
 
 
-def _check_token_mask(token_mask, batch_size: int, tokens: int):
-  if token_mask is None:
+def _check_mask(mask, batch_size: int, tokens: int):
+  if mask is None:
     return None
-  token_mask = jnp.asarray(token_mask)
-  if token_mask.shape != (batch_size, tokens):
-    raise ValueError(f"token_mask must have shape ({batch_size}, {tokens}) ([B, T]), got "
-                     f"{token_mask.shape}")
-  return token_mask > 0
+  mask = jnp.asarray(mask)
+  if mask.shape != (batch_size, tokens):
+    raise ValueError(f"mask must have shape ({batch_size}, {tokens}) ([B, T], one flag per "
+                     f"token), got {mask.shape}")
+  return mask > 0
 
 
-def _row_kl(student_scores: jax.Array, teacher_scores: jax.Array, token_mask,
+def _row_kl(student_scores: jax.Array, teacher_scores: jax.Array, mask,
             per_example: bool) -> jax.Array:
   """KL(softmax(t) ‖ softmax(s)) over the last axis of `[B, H, T, T]`, reduced to [B, T]/[B]."""
   if student_scores.shape != teacher_scores.shape:
     raise ValueError(f"student {student_scores.shape} and teacher {teacher_scores.shape} must "
                      "have the same [B, heads, T, T] shape (same number of heads)")
   batch_size, _, tokens, _ = student_scores.shape
-  keep = _check_token_mask(token_mask, batch_size, tokens)
+  keep = _check_mask(mask, batch_size, tokens)
   if keep is not None:
     keys = keep[:, None, None, :]
     student_scores = jnp.where(keys, student_scores, _MASKED)
@@ -59,8 +61,8 @@ def _row_kl(student_scores: jax.Array, teacher_scores: jax.Array, token_mask,
   return kl
 
 
-def attention_kl(student_scores: jax.Array, teacher_scores: jax.Array,
-                 token_mask: jax.Array | None = None, *, per_example: bool = False) -> jax.Array:
+def attention_kl(student_scores: jax.Array, teacher_scores: jax.Array, *,
+                 mask: jax.Array | None = None, per_example: bool = False) -> jax.Array:
   """MiniLM self-attention distribution transfer.
 
   ℓ_{b,i} = (1/A_h) Σ_a KL(softmax(S^t_{b,a,i,:}) ‖ softmax(S^s_{b,a,i,:})).
@@ -69,7 +71,7 @@ def attention_kl(student_scores: jax.Array, teacher_scores: jax.Array,
     student_scores: `[B, heads, T, T]` pre-softmax attention scores QKᵀ/√d (or log
       attention probabilities, which give the same softmax).
     teacher_scores: same shape (MiniLM needs equal head counts).
-    token_mask: `[B, T]` real-token flags, or None.
+    mask: `[B, T]` (1 = real token, 0 = padding) or None.
     per_example: return `[B]` (mean over real tokens) instead of `[B, T]`.
   Returns:
     `[B, T]` or `[B]` float32.
@@ -78,8 +80,7 @@ def attention_kl(student_scores: jax.Array, teacher_scores: jax.Array,
   >>> float(attention_kl(s, s, per_example=True)[0])
   0.0
   """
-  return _row_kl(as_float32(student_scores), teacher_float32(teacher_scores), token_mask,
-                 per_example)
+  return _row_kl(as_float32(student_scores), teacher_float32(teacher_scores), mask, per_example)
 
 
 def _relation_scores(states: jax.Array) -> jax.Array:
@@ -87,9 +88,8 @@ def _relation_scores(states: jax.Array) -> jax.Array:
   return jnp.einsum("bhid,bhjd->bhij", states, states) / jnp.sqrt(jnp.float32(states.shape[-1]))
 
 
-def value_relation_kl(student_values: jax.Array, teacher_values: jax.Array,
-                      token_mask: jax.Array | None = None, *,
-                      per_example: bool = False) -> jax.Array:
+def value_relation_kl(student_values: jax.Array, teacher_values: jax.Array, *,
+                      mask: jax.Array | None = None, per_example: bool = False) -> jax.Array:
   """MiniLM value-relation transfer: KL between softmax(V Vᵀ/√d_k) per head.
 
   Head widths d_k may differ between student and teacher; head counts must match.
@@ -97,7 +97,7 @@ def value_relation_kl(student_values: jax.Array, teacher_values: jax.Array,
   Args:
     student_values: `[B, heads, T, d_s]` per-head values of the student's last layer.
     teacher_values: `[B, heads, T, d_t]`.
-    token_mask: `[B, T]` real-token flags, or None.
+    mask: `[B, T]` (1 = real token, 0 = padding) or None.
     per_example: return `[B]` instead of `[B, T]`.
   Returns:
     `[B, T]` or `[B]` float32.
@@ -110,7 +110,7 @@ def value_relation_kl(student_values: jax.Array, teacher_values: jax.Array,
     raise ValueError(f"value_relation_kl expects [B, heads, T, d] values, got "
                      f"{student_values.shape} and {teacher_values.shape}")
   return _row_kl(_relation_scores(as_float32(student_values)),
-                 _relation_scores(teacher_float32(teacher_values)), token_mask, per_example)
+                 _relation_scores(teacher_float32(teacher_values)), mask, per_example)
 
 
 def _split_heads(states: jax.Array, num_heads: int, side: str) -> jax.Array:
@@ -121,8 +121,8 @@ def _split_heads(states: jax.Array, num_heads: int, side: str) -> jax.Array:
   return jnp.swapaxes(states.reshape(batch_size, tokens, num_heads, width // num_heads), 1, 2)
 
 
-def self_relation_kl(student_states: jax.Array, teacher_states: jax.Array,
-                     token_mask: jax.Array | None = None, *, num_relation_heads: int,
+def self_relation_kl(student_states: jax.Array, teacher_states: jax.Array, *,
+                     mask: jax.Array | None = None, num_relation_heads: int,
                      per_example: bool = False) -> jax.Array:
   """MiniLMv2 self-attention relation transfer for one of Q-Q, K-K or V-V.
 
@@ -133,8 +133,8 @@ def self_relation_kl(student_states: jax.Array, teacher_states: jax.Array,
   Args:
     student_states: `[B, T, D_s]`.
     teacher_states: `[B, T, D_t]`.
-    num_relation_heads: ≥ 1, dividing D_s and D_t.
-    token_mask: `[B, T]` real-token flags, or None.
+    mask: `[B, T]` (1 = real token, 0 = padding) or None.
+    num_relation_heads: ≥ 1, dividing D_s and D_t (required; a static Python int).
     per_example: return `[B]` instead of `[B, T]`.
   Returns:
     `[B, T]` or `[B]` float32.
@@ -151,37 +151,28 @@ def self_relation_kl(student_states: jax.Array, teacher_states: jax.Array,
                      f"and {teacher_states.shape}")
   return value_relation_kl(_split_heads(student_states, num_relation_heads, "student"),
                            _split_heads(teacher_states, num_relation_heads, "teacher"),
-                           token_mask=token_mask, per_example=per_example)
+                           mask=mask, per_example=per_example)
 
 
 def minilm(student_scores: jax.Array, teacher_scores: jax.Array, student_values: jax.Array,
-           teacher_values: jax.Array, token_mask: jax.Array | None = None, *,
+           teacher_values: jax.Array, *, mask: jax.Array | None = None,
            per_example: bool = False) -> jax.Array:
   """MiniLM's objective on one layer pair: `attention_kl + value_relation_kl`.
 
   >>> s, v = jnp.zeros((2, 1, 3, 3)), jnp.ones((2, 1, 3, 4))
-  >>> minilm(s, s, v, v, token_mask=jnp.array([[1, 1, 0], [1, 0, 0]])).shape
+  >>> minilm(s, s, v, v, mask=jnp.array([[1, 1, 0], [1, 0, 0]])).shape
   (2, 3)
   """
-  return (attention_kl(student_scores, teacher_scores, token_mask=token_mask,
-                       per_example=per_example) +
-          value_relation_kl(student_values, teacher_values, token_mask=token_mask,
-                            per_example=per_example))
+  return (attention_kl(student_scores, teacher_scores, mask=mask, per_example=per_example) +
+          value_relation_kl(student_values, teacher_values, mask=mask, per_example=per_example))
 
 
 _PAPER = "Wang et al., MiniLM, NeurIPS 2020"
 _REF = "microsoft/unilm minilm"
-register("minilm_attention", attention_kl,
-         inputs=("student_attention_scores", "teacher_attention_scores", "token_mask"),
-         per_example=True, kind="attention", paper=_PAPER, reference=_REF)
-register("minilm_value_relation", value_relation_kl,
-         inputs=("student_values", "teacher_values", "token_mask"),
-         per_example=True, kind="attention", paper=_PAPER, reference=_REF)
-register("minilm", minilm,
-         inputs=("student_attention_scores", "teacher_attention_scores", "student_values",
-                 "teacher_values", "token_mask"),
-         per_example=True, kind="attention", paper=_PAPER, reference=_REF)
-register("minilmv2_relation", self_relation_kl,
-         inputs=("student_states", "teacher_states", "token_mask"),
-         per_example=True, kind="attention", paper="Wang et al., MiniLMv2, ACL Findings 2021",
-         reference=_REF)
+for _name, _fn, _paper in (
+    ("minilm_attention", attention_kl, _PAPER),
+    ("minilm_value_relation", value_relation_kl, _PAPER),
+    ("minilm", minilm, _PAPER),
+    ("minilmv2_relation", self_relation_kl, "Wang et al., MiniLMv2, ACL Findings 2021"),
+):
+  register(_name, _fn, per_example=True, kind="attention", paper=_paper, reference=_REF)

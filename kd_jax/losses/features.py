@@ -1,11 +1,13 @@
 """Feature-map distillation losses: one value per example.
 
-Feature maps are NHWC `[B, H, W, C]` (or `[B, D]` where noted). Every loss computes in
-float32, stops gradients on its teacher inputs and returns `[B]`; reduce with
-`kd_jax.losses.masked_mean`, whose batch mean equals the reference's scalar.
-Losses with learnable parts (FitNet, OFD, AB, FT, VID, PAD, ICKD, ReviewKD) take those
-parts' outputs; the parts themselves are Flax modules in `kd_jax.losses.modules`. Where the
-reference sums several layer pairs with weights, call the loss once per pair and add.
+Feature maps are NHWC `[B, H, W, C]` (or `[B, D]` where noted). Positional inputs: the
+student's tensor first, the teacher's counterpart second, auxiliary inputs (learned variances)
+after them; hyperparameters are keyword-only. Every loss computes in float32, stops
+gradients on its teacher inputs and returns `[B]` (no example couples to another, so there is no
+`mask`); reduce with `kd_jax.losses.masked_mean(values, mask)`, whose batch mean equals the
+reference's scalar. Losses with learnable parts (FitNet, OFD, AB, FT, VID, PAD, ICKD, ReviewKD)
+take those parts' outputs; the parts themselves are Flax modules in `kd_jax.losses.modules`.
+Where the reference sums several layer pairs with weights, call the loss once per pair and add.
 """
 import math
 
@@ -14,6 +16,7 @@ import jax.numpy as jnp
 from jax.scipy.stats import norm as _normal
 
 from kd_jax.losses.registry import register
+from kd_jax.losses.utils import check_choice, check_non_negative, check_positive
 
 # torch.nn.functional.normalize's default `eps`.
 NORMALIZE_EPS = 1e-12
@@ -65,8 +68,7 @@ def adaptive_pool2d(x: jax.Array, output_size: tuple[int, int], *, reduce: str =
   Array([[ 2.5,  4.5],
          [10.5, 12.5]], dtype=float32)
   """
-  if reduce not in ("avg", "max"):
-    raise ValueError(f"reduce must be 'avg' or 'max', got {reduce!r}")
+  check_choice("adaptive_pool2d", "reduce", reduce, ("avg", "max"))
   pool = jnp.mean if reduce == "avg" else jnp.max
   for axis, out in zip((1, 2), output_size):
     size = x.shape[axis]
@@ -141,8 +143,8 @@ def attention_transfer(student_features: jax.Array, teacher_features: jax.Array,
   Args:
     student_features: `[B, H, W, Cs]`.
     teacher_features: `[B, H, W, Ct]`.
-    p: exponent of the activation magnitudes, > 0.
-    mode: `"code"` or `"paper"`.
+    p: exponent of the activation magnitudes, > 0 (may be traced).
+    mode: `"code"` or `"paper"` (static).
   Returns:
     `[B]` float32.
 
@@ -150,10 +152,8 @@ def attention_transfer(student_features: jax.Array, teacher_features: jax.Array,
   >>> float(attention_transfer(x, 2 * x)[0])
   0.0
   """
-  if p <= 0:
-    raise ValueError(f"attention_transfer: p must be > 0, got {p}")
-  if mode not in ("code", "paper"):
-    raise ValueError(f"attention_transfer: mode must be 'code' or 'paper', got {mode!r}")
+  check_positive("attention_transfer", p=p)
+  check_choice("attention_transfer", "mode", mode, ("code", "paper"))
   _check_nhwc("attention_transfer", student_features)
   _check_nhwc("attention_transfer", teacher_features)
   if student_features.shape[:3] != teacher_features.shape[:3]:
@@ -180,8 +180,14 @@ def fsp_matrix(first: jax.Array, second: jax.Array) -> jax.Array:
   return jnp.einsum("bxi,bxj->bij", flatten_hw(first), flatten_hw(second)) / hw
 
 
-def fsp(student_first: jax.Array, student_second: jax.Array, teacher_first: jax.Array,
-        teacher_second: jax.Array) -> jax.Array:
+def _feature_pair(name: str, features) -> tuple[jax.Array, jax.Array]:
+  if not (isinstance(features, (tuple, list)) and len(features) == 2):
+    raise ValueError(f"{name} must be a pair (first, second) of feature maps, got "
+                     f"{type(features).__name__}")
+  return features[0], features[1]
+
+
+def fsp(student_features, teacher_features) -> jax.Array:
   """FSP loss between flow matrices of two layers.
 
   ℓ_b = Σ_j ‖G_s[b, :, j] − G_t[b, :, j]‖₂ with G = `fsp_matrix(first, second)` (note: a sum
@@ -191,15 +197,18 @@ def fsp(student_first: jax.Array, student_second: jax.Array, teacher_first: jax.
   `FSPLoss` (one pair, weight 1).
 
   Args:
-    student_first, student_second: `[B, H, W, C1]`, `[B, H', W', C2]` student maps.
-    teacher_first, teacher_second: teacher maps with the same channel counts C1, C2.
+    student_features: a pair `(first, second)` of student maps `[B, H, W, C1]`,
+      `[B, H', W', C2]` (the input and output of a stage).
+    teacher_features: the teacher's pair, with the same channel counts C1, C2.
   Returns:
     `[B]` float32.
 
   >>> a, b = jnp.ones((2, 4, 4, 3)), jnp.ones((2, 2, 2, 5))
-  >>> fsp(a, b, a, b).shape
+  >>> fsp((a, b), (a, b)).shape
   (2,)
   """
+  student_first, student_second = _feature_pair("fsp: student_features", student_features)
+  teacher_first, teacher_second = _feature_pair("fsp: teacher_features", teacher_features)
   student = fsp_matrix(student_first, student_second)
   teacher = fsp_matrix(teacher_float32(teacher_first), teacher_float32(teacher_second))
   _check_same_shape("fsp (flow matrices)", student, teacher)
@@ -221,7 +230,7 @@ def factor_transfer(student_factor: jax.Array, teacher_factor: jax.Array, *, p: 
   Args:
     student_factor: `[B, ...]`.
     teacher_factor: `[B, ...]` same shape.
-    p: norm order, a positive integer.
+    p: norm order, a positive Python integer (static: it selects the formula).
   Returns:
     `[B]` float32.
 
@@ -242,7 +251,8 @@ def factor_transfer(student_factor: jax.Array, teacher_factor: jax.Array, *, p: 
   return jnp.where(positive, jnp.where(positive, total, 1.0) ** (1.0 / p), 0.0)
 
 
-def vid(student_mean: jax.Array, student_variance: jax.Array, teacher_features: jax.Array) -> jax.Array:
+def vid(student_mean: jax.Array, teacher_features: jax.Array,
+        student_variance: jax.Array) -> jax.Array:
   """Variational information distillation: Gaussian negative log-likelihood of the teacher.
 
   ℓ_b = mean_{h,w,c} ½[(μ_b − t_b)² / σ²_c + log σ²_c] (the constant ½log 2π dropped).
@@ -253,12 +263,12 @@ def vid(student_mean: jax.Array, student_variance: jax.Array, teacher_features: 
 
   Args:
     student_mean: `[B, H, W, C]` (or `[B, D]`) predicted mean.
-    student_variance: positive variance broadcastable to it, e.g. `[C]`.
     teacher_features: same shape as `student_mean`.
+    student_variance: positive variance broadcastable to it, e.g. `[C]`.
   Returns:
     `[B]` float32.
 
-  >>> float(vid(jnp.zeros((1, 2)), jnp.ones(2), jnp.zeros((1, 2)))[0])
+  >>> float(vid(jnp.zeros((1, 2)), jnp.zeros((1, 2)), jnp.ones(2))[0])
   0.0
   """
   _check_same_shape("vid", student_mean, teacher_features)
@@ -347,7 +357,8 @@ def ofd(student_features: jax.Array, teacher_features: jax.Array, *, margin: jax
   Args:
     student_features: `[B, H, W, C]`.
     teacher_features: `[B, H, W, C]`.
-    margin: `[C]` margins, e.g. `ofd_margin(bn_scale, bn_bias)`.
+    margin: `[C]` margins (required; an array, so it may be traced), e.g.
+      `ofd_margin(bn_scale, bn_bias)` or a running mean of the teacher's negative responses.
   Returns:
     `[B]` float32.
 
@@ -382,7 +393,7 @@ def hierarchical_context(student_features: jax.Array, teacher_features: jax.Arra
   Args:
     student_features: `[B, H, W, C]`.
     teacher_features: `[B, H, W, C]`.
-    output_sizes: pyramid sizes, each a positive int.
+    output_sizes: pyramid sizes, each a positive int (static: they set shapes).
   Returns:
     `[B]` float32.
 
@@ -423,15 +434,14 @@ def activation_boundary(student_features: jax.Array, teacher_features: jax.Array
   Args:
     student_features: `[B, ...]`.
     teacher_features: `[B, ...]` same shape.
-    margin: μ ≥ 0.
+    margin: μ ≥ 0 (may be traced).
   Returns:
     `[B]` float32.
 
   >>> float(activation_boundary(jnp.array([[2., -2.]]), jnp.array([[1., -1.]]))[0])
   0.0
   """
-  if margin < 0:
-    raise ValueError(f"activation_boundary: margin must be >= 0, got {margin}")
+  check_non_negative("activation_boundary", margin=margin)
   _check_same_shape("activation_boundary", student_features, teacher_features)
   s = as_float32(student_features)
   t = teacher_float32(teacher_features)
@@ -440,8 +450,8 @@ def activation_boundary(student_features: jax.Array, teacher_features: jax.Array
   return jnp.sum(flatten_examples(loss), axis=1)
 
 
-def prime_aware_l2(student_features: jax.Array, student_log_variance: jax.Array,
-                   teacher_features: jax.Array, *, eps: float = 1e-6) -> jax.Array:
+def prime_aware_l2(student_features: jax.Array, teacher_features: jax.Array,
+                   student_log_variance: jax.Array, *, eps: float = 1e-6) -> jax.Array:
   """Prime-aware adaptive distillation (PAD) with an L2 loss weighted by learned variances.
 
   ℓ_b = mean_d [(t_bd − s_bd)² / (ε + exp(v_bd)) + v_bd], v the predicted log-variances
@@ -453,17 +463,16 @@ def prime_aware_l2(student_features: jax.Array, student_log_variance: jax.Array,
 
   Args:
     student_features: `[B, ...]` student embedding.
-    student_log_variance: `[B, D]` log-variances, D the flattened width.
     teacher_features: `[B, ...]` same shape as the student's.
-    eps: > 0.
+    student_log_variance: `[B, D]` log-variances, D the flattened width.
+    eps: > 0 (may be traced).
   Returns:
     `[B]` float32.
 
-  >>> float(prime_aware_l2(jnp.ones((1, 2)), jnp.zeros((1, 2)), jnp.ones((1, 2)))[0])
+  >>> float(prime_aware_l2(jnp.ones((1, 2)), jnp.ones((1, 2)), jnp.zeros((1, 2)))[0])
   0.0
   """
-  if eps <= 0:
-    raise ValueError(f"prime_aware_l2: eps must be > 0, got {eps}")
+  check_positive("prime_aware_l2", eps=eps)
   _check_same_shape("prime_aware_l2", student_features, teacher_features)
   s = flatten_examples(as_float32(student_features))
   t = flatten_examples(teacher_float32(teacher_features))
@@ -538,40 +547,26 @@ def affinity(student_features: jax.Array, teacher_features: jax.Array) -> jax.Ar
 
 
 _TD = "torchdistill 1.1.5 losses.mid_level."
-register("fitnet", fitnet, inputs=("student_features", "teacher_features"), per_example=True,
-         kind="features", paper="Romero et al., FitNets, ICLR 2015",
-         reference="torchdistill MSELoss + models.adaptation.ConvReg; RepDistiller HintLoss")
-register("at", attention_transfer, inputs=("student_features", "teacher_features"),
-         per_example=True, kind="features",
-         paper="Zagoruyko & Komodakis, Attention Transfer, ICLR 2017", reference=_TD + "ATLoss")
-register("fsp", fsp, inputs=("student_first_features", "student_second_features",
-                             "teacher_first_features", "teacher_second_features"),
-         per_example=True, kind="features", paper="Yim et al., FSP, CVPR 2017",
-         reference=_TD + "FSPLoss")
-register("ft", factor_transfer, inputs=("student_factor", "teacher_factor"), per_example=True,
-         kind="features", paper="Kim et al., Factor Transfer, NeurIPS 2018", reference=_TD + "FTLoss")
-register("vid", vid, inputs=("student_mean", "student_variance", "teacher_features"),
-         per_example=True, kind="features", paper="Ahn et al., VID, CVPR 2019",
-         reference=_TD + "VIDLoss + models.wrapper.Regressor4VID")
-register("nst", nst, inputs=("student_features", "teacher_features"), per_example=True,
-         kind="features", paper="Huang & Wang, Neuron Selectivity Transfer, arXiv 2017",
-         reference="RepDistiller distiller_zoo/NST.py NSTLoss")
-register("ofd", ofd, inputs=("student_features", "teacher_features"), per_example=True,
-         kind="features", paper="Heo et al., Overhaul of Feature Distillation, ICCV 2019",
-         reference="clovaai/overhaul-distillation distiller.py distillation_loss")
-register("reviewkd_hcl", hierarchical_context, inputs=("student_features", "teacher_features"),
-         per_example=True, kind="features", paper="Chen et al., Knowledge Review, CVPR 2021",
-         reference=_TD + "HierarchicalContextLoss + models.wrapper.AttentionBasedFusion")
-register("ab", activation_boundary, inputs=("student_features", "teacher_features"),
-         per_example=True, kind="features",
-         paper="Heo et al., Activation Boundaries, AAAI 2019", reference=_TD + "AltActTransferLoss")
-register("pad_l2", prime_aware_l2,
-         inputs=("student_features", "student_log_variance", "teacher_features"),
-         per_example=True, kind="features", paper="Zhang et al., PAD, ECCV 2020",
-         reference=_TD + "PADL2Loss + models.wrapper.VarianceBranch4PAD")
-register("ickd", inter_channel_correlation, inputs=("student_features", "teacher_features"),
-         per_example=True, kind="features", paper="Liu et al., ICKD, ICCV 2021",
-         reference=_TD + "ChSimLoss (without its extra 1/B)")
-register("kta_affinity", affinity, inputs=("student_features", "teacher_features"),
-         per_example=True, kind="features", paper="He et al., KTA, CVPR 2019",
-         reference=_TD + "AffinityLoss")
+for _name, _fn, _paper, _reference in (
+    ("fitnet", fitnet, "Romero et al., FitNets, ICLR 2015",
+     "torchdistill MSELoss + models.adaptation.ConvReg; RepDistiller HintLoss"),
+    ("at", attention_transfer, "Zagoruyko & Komodakis, Attention Transfer, ICLR 2017",
+     _TD + "ATLoss"),
+    ("fsp", fsp, "Yim et al., FSP, CVPR 2017", _TD + "FSPLoss"),
+    ("ft", factor_transfer, "Kim et al., Factor Transfer, NeurIPS 2018", _TD + "FTLoss"),
+    ("vid", vid, "Ahn et al., VID, CVPR 2019", _TD + "VIDLoss + models.wrapper.Regressor4VID"),
+    ("nst", nst, "Huang & Wang, Neuron Selectivity Transfer, arXiv 2017",
+     "RepDistiller distiller_zoo/NST.py NSTLoss"),
+    ("ofd", ofd, "Heo et al., Overhaul of Feature Distillation, ICCV 2019",
+     "clovaai/overhaul-distillation distiller.py distillation_loss"),
+    ("reviewkd_hcl", hierarchical_context, "Chen et al., Knowledge Review, CVPR 2021",
+     _TD + "HierarchicalContextLoss + models.wrapper.AttentionBasedFusion"),
+    ("ab", activation_boundary, "Heo et al., Activation Boundaries, AAAI 2019",
+     _TD + "AltActTransferLoss"),
+    ("pad_l2", prime_aware_l2, "Zhang et al., PAD, ECCV 2020",
+     _TD + "PADL2Loss + models.wrapper.VarianceBranch4PAD"),
+    ("ickd", inter_channel_correlation, "Liu et al., ICKD, ICCV 2021",
+     _TD + "ChSimLoss (without its extra 1/B)"),
+    ("kta_affinity", affinity, "He et al., KTA, CVPR 2019", _TD + "AffinityLoss"),
+):
+  register(_name, _fn, per_example=True, kind="features", paper=_paper, reference=_reference)

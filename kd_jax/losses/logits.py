@@ -1,30 +1,21 @@
 """Logit distillation losses as pure per-example functions (optax conventions).
 
-Student first, teacher second, hyperparameters keyword-only. Every function returns one
+Positional inputs: the student's tensor first, the teacher's counterpart second, auxiliary
+inputs (labels, class means) after them. Keyword-only: `mask` (`[B]`, 1 = real example, 0 =
+padding) on the losses whose value couples examples, and the hyperparameters; float
+hyperparameters may be traced (e.g. a jitted temperature schedule). Every function returns one
 value per example `[B]` unless its docstring says it is a batch-relation loss (one scalar per
-batch, with a `mask` that removes padded examples from the relations). Inputs of any float
-dtype are computed in at least float32 (bf16 in, f32 out); teacher inputs are wrapped in
-`jax.lax.stop_gradient`. `labels` are `[B]` integer ids or `[B, C]` soft labels, whose argmax
-is the ground-truth class (as the references do).
+batch). Inputs of any float dtype are computed in at least float32 (bf16 in, f32 out); teacher
+inputs are wrapped in `jax.lax.stop_gradient`. `labels` are `[B]` integer ids or `[B, C]` soft
+labels, whose argmax is the ground-truth class (as the references do).
 """
 import jax
 import jax.numpy as jnp
 
 from kd_jax.losses.registry import register
+from kd_jax.losses.utils import check_choice, check_hparam, check_non_negative, check_positive
 
 Array = jax.Array
-
-
-def _require_positive(**hparams: float) -> None:
-  for name, value in hparams.items():
-    if not value > 0:
-      raise ValueError(f"{name} must be > 0, got {value!r}")
-
-
-def _require_non_negative(**hparams: float) -> None:
-  for name, value in hparams.items():
-    if not value >= 0:
-      raise ValueError(f"{name} must be >= 0, got {value!r}")
 
 
 def _float(x: Array) -> Array:
@@ -88,7 +79,7 @@ def kd(student_logits: Array, teacher_logits: Array, *, temperature: float = 4.0
   >>> round(float(kd(s, t, temperature=1.0)[0]), 4)
   0.4205
   """
-  _require_positive(temperature=temperature)
+  check_positive("kd", temperature=temperature)
   s, t = _student_teacher(student_logits, teacher_logits)
   log_ps = jax.nn.log_softmax(s / temperature, axis=-1)
   log_pt = jax.nn.log_softmax(t / temperature, axis=-1)
@@ -111,7 +102,7 @@ def reverse_kl(student_logits: Array, teacher_logits: Array, *,
   >>> round(float(reverse_kl(s, t)[0]), 4), round(float(kd(s, t, temperature=1.0)[0]), 4)
   (0.433, 0.4743)
   """
-  _require_positive(temperature=temperature)
+  check_positive("reverse_kl", temperature=temperature)
   s, t = _student_teacher(student_logits, teacher_logits)
   log_ps = jax.nn.log_softmax(s / temperature, axis=-1)
   log_pt = jax.nn.log_softmax(t / temperature, axis=-1)
@@ -136,7 +127,7 @@ def jensen_shannon(student_logits: Array, teacher_logits: Array, *,
   >>> round(float(jensen_shannon(s, t)[0]), 4)
   0.101
   """
-  _require_positive(temperature=temperature)
+  check_positive("jensen_shannon", temperature=temperature)
   s, t = _student_teacher(student_logits, teacher_logits)
   log_ps = jax.nn.log_softmax(s / temperature, axis=-1)
   log_pt = jax.nn.log_softmax(t / temperature, axis=-1)
@@ -189,8 +180,8 @@ def dkd(student_logits: Array, teacher_logits: Array, labels: Array, *, alpha: f
   >>> round(float(dkd(s, t, jnp.array([0]), temperature=1.0)[0]), 4)
   0.9069
   """
-  _require_positive(temperature=temperature)
-  _require_non_negative(alpha=alpha, beta=beta)
+  check_positive("dkd", temperature=temperature)
+  check_non_negative("dkd", alpha=alpha, beta=beta)
   s, t = _student_teacher(student_logits, teacher_logits)
   target = _one_hot_labels(labels, s.shape[-1])
   s, t = s / temperature, t / temperature
@@ -228,8 +219,8 @@ def nkd(student_logits: Array, teacher_logits: Array, labels: Array, *,
   >>> round(float(nkd(s, t, jnp.array([0]))[0]), 4)
   0.7484
   """
-  _require_positive(temperature=temperature)
-  _require_non_negative(gamma=gamma)
+  check_positive("nkd", temperature=temperature)
+  check_non_negative("nkd", gamma=gamma)
   s, t = _student_teacher(student_logits, teacher_logits)
   target = _one_hot_labels(labels, s.shape[-1])
   log_ps = jax.nn.log_softmax(s, axis=-1)
@@ -241,8 +232,8 @@ def nkd(student_logits: Array, teacher_logits: Array, labels: Array, *,
   return target_term + non_target_term
 
 
-def uskd(student_logits: Array, weak_logits: Array, labels: Array, mask: Array | None = None,
-         *, alpha: float = 1.0, beta: float = 0.1, mu: float = 0.005) -> Array:
+def uskd(student_logits: Array, weak_logits: Array, labels: Array, *, mask: Array | None = None,
+         alpha: float = 1.0, beta: float = 0.1, mu: float = 0.005) -> Array:
   """Teacher-free USKD: α·target term + β·Zipf non-target term + μ·weak-supervision term.
 
   Per example, with p = softmax(s), w = softmax(weak) and gt the target class:
@@ -263,7 +254,7 @@ def uskd(student_logits: Array, weak_logits: Array, labels: Array, mask: Array |
     weak_logits: `[B, C]` logits of the weak head.
     labels: `[B]` int (soft labels are reduced to their argmax; the reference's top-2 mixup
       variant is not implemented).
-    mask: `[B]` or None.
+    mask: `[B]` (1 = real example, 0 = padding) or None.
     alpha, beta, mu: term weights (reference defaults 1.0, 0.1, 0.005).
   Returns:
     `[B]` float32; its mean (no padding) equals cls_KD `USKDLoss` given `fc(fea_mid)`.
@@ -276,7 +267,7 @@ def uskd(student_logits: Array, weak_logits: Array, labels: Array, mask: Array |
   >>> uskd(s, w, jnp.array([0, 2])).shape
   (2,)
   """
-  _require_non_negative(alpha=alpha, beta=beta, mu=mu)
+  check_non_negative("uskd", alpha=alpha, beta=beta, mu=mu)
   s, weak = _float(student_logits), _float(weak_logits)
   if s.shape != weak.shape:
     raise ValueError(f"student_logits and weak_logits shapes differ: {s.shape} vs {weak.shape}")
@@ -310,7 +301,7 @@ def _cosine_rows(x: Array, y: Array, eps: float) -> Array:
   return jnp.sum(x * y, axis=-1) / norms
 
 
-def dist(student_logits: Array, teacher_logits: Array, mask: Array | None = None, *,
+def dist(student_logits: Array, teacher_logits: Array, *, mask: Array | None = None,
          beta: float = 1.0, gamma: float = 1.0, temperature: float = 1.0,
          eps: float = 1e-8) -> Array:
   """DIST (batch relation, ONE SCALAR PER BATCH): β·T²·inter + γ·T²·intra on softmax(·/T).
@@ -336,8 +327,8 @@ def dist(student_logits: Array, teacher_logits: Array, mask: Array | None = None
   >>> abs(float(dist(t, t))) < 1e-6
   True
   """
-  _require_positive(temperature=temperature)
-  _require_non_negative(beta=beta, gamma=gamma)
+  check_positive("dist", temperature=temperature)
+  check_non_negative("dist", beta=beta, gamma=gamma)
   s, t = _student_teacher(student_logits, teacher_logits)
   ps = jax.nn.softmax(s / temperature, axis=-1)
   pt = jax.nn.softmax(t / temperature, axis=-1)
@@ -375,8 +366,8 @@ def logit_standardized_kd(student_logits: Array, teacher_logits: Array, *,
   >>> abs(float(logit_standardized_kd(s, 3.0 * s + 1.0)[0])) < 1e-6
   True
   """
-  _require_positive(temperature=temperature)
-  _require_non_negative(eps=eps)
+  check_positive("logit_standardized_kd", temperature=temperature)
+  check_non_negative("logit_standardized_kd", eps=eps)
   s, t = _student_teacher(student_logits, teacher_logits)
 
   def standardize(logits):
@@ -408,7 +399,7 @@ def ofa(student_logits: Array, teacher_logits: Array, labels: Array, *, eps: flo
   >>> round(float(ofa(s, t, jnp.array([0]))[0]), 4)
   1.2529
   """
-  _require_positive(eps=eps, temperature=temperature)
+  check_positive("ofa", eps=eps, temperature=temperature)
   s, t = _student_teacher(student_logits, teacher_logits)
   target = _one_hot_labels(labels, s.shape[-1]).astype(s.dtype)
   log_ps = jax.nn.log_softmax(s / temperature, axis=-1)
@@ -417,15 +408,15 @@ def ofa(student_logits: Array, teacher_logits: Array, labels: Array, *, eps: flo
   return -jnp.sum(weight * log_ps, axis=-1)
 
 
-def teacher_class_means(features: Array, labels: Array, num_classes: int,
-                mask: Array | None = None) -> Array:
+def teacher_class_means(features: Array, labels: Array, num_classes: int, *,
+                        mask: Array | None = None) -> Array:
   """Per-class mean of (teacher) embeddings, the class centers of the ND loss.
 
   Args:
     features: `[N, D]` embeddings, e.g. the teacher's pre-logit features over the train set.
     labels: `[N]` int class ids.
     num_classes: C.
-    mask: `[N]` or None; masked rows do not count.
+    mask: `[N]` (1 = real row, 0 = padding) or None; padded rows do not count.
   Returns:
     `[C, D]` float32; rows of classes with no example are zero.
 
@@ -443,19 +434,19 @@ def teacher_class_means(features: Array, labels: Array, num_classes: int,
   return sums / jnp.maximum(counts, 1.0)
 
 
-def nd(student_features: Array, teacher_features: Array, labels: Array, *,
+def nd(student_features: Array, teacher_features: Array, labels: Array,
        class_means: Array) -> Array:
   """ND (norm and direction) loss: 1 − ⟨f_s, ê_y⟩ / max(‖f_s‖, ‖f_t‖) per example.
 
-  ê_y is the unit-normalised teacher class mean of the example's class (`class_means`, fed as
-  a hyperparameter; see `teacher_class_means`). The reference's `nd_loss_factor` is left to
-  the caller's loss weight.
+  ê_y is the unit-normalised teacher class mean of the example's class (`class_means`, loss
+  state computed once from the teacher; see `teacher_class_means`). The reference's
+  `nd_loss_factor` is left to the caller's loss weight.
 
   Args:
     student_features: `[B, D]` student embeddings (projected to the teacher's width).
     teacher_features: `[B, D]` teacher embeddings.
     labels: `[B]` int class ids.
-    class_means: `[C, D]` teacher class centers.
+    class_means: `[C, D]` teacher class centers (gradient-stopped).
   Returns:
     `[B]` float32; its mean equals the reference `DirectNormLoss` with nd_loss_factor=1.
 
@@ -463,7 +454,7 @@ def nd(student_features: Array, teacher_features: Array, labels: Array, *,
   arXiv 2305.17007. Reference: `DirectNormLoss` in the authors' ND repository (KD++).
 
   >>> centers = jnp.array([[2., 0.], [0., 1.]])
-  >>> nd(jnp.array([[3., 0.]]), jnp.array([[0., 4.]]), jnp.array([0]), class_means=centers)
+  >>> nd(jnp.array([[3., 0.]]), jnp.array([[0., 4.]]), jnp.array([0]), centers)
   Array([0.25], dtype=float32)
   """
   s, t = _student_teacher(student_features, teacher_features)
@@ -530,9 +521,8 @@ def bdkd(student_logits: Array, teacher_logits: Array, *, temperature: float = 4
   >>> float(bdkd(t, t)[0])
   0.0
   """
-  _require_positive(temperature=temperature)
-  if not balance >= 1.0:
-    raise ValueError(f"balance must be >= 1, got {balance!r}")
+  check_positive("bdkd", temperature=temperature)
+  check_hparam("bdkd", "balance", balance, lambda b: b >= 1.0, ">= 1")
   s, t = _student_teacher(student_logits, teacher_logits)
   log_ps = jax.nn.log_softmax(s / temperature, axis=-1)
   log_pt = jax.nn.log_softmax(t / temperature, axis=-1)
@@ -544,8 +534,8 @@ def bdkd(student_logits: Array, teacher_logits: Array, *, temperature: float = 4
   return temperature**2 * (w_forward * _kl(log_pt, log_ps) + w_reverse * _kl(log_ps, log_pt))
 
 
-def soft_teacher_cls(student_logits: Array, teacher_logits: Array, labels: Array,
-                     mask: Array | None = None, *, background_class: int = -1) -> Array:
+def soft_teacher_cls(student_logits: Array, teacher_logits: Array, labels: Array, *,
+                     mask: Array | None = None, background_class: int = -1) -> Array:
   """Soft Teacher score-weighted classification (ONE SCALAR PER BATCH).
 
   Σ_i w_i·CE(s_i, y_i) / max(Σ_i w_i, 1), with w_i = 1 for foreground (pseudo-labelled)
@@ -555,8 +545,9 @@ def soft_teacher_cls(student_logits: Array, teacher_logits: Array, labels: Array
   Args:
     student_logits, teacher_logits: `[B, C]` proposal (RoI) logits; one class is background.
     labels: `[B]` int assigned labels (the background class for negative proposals).
-    mask: `[B]` or None; masked proposals get weight 0.
-    background_class: index of the background class (default -1, the last, as mmdet).
+    mask: `[B]` (1 = real proposal, 0 = padding) or None; padded proposals get weight 0.
+    background_class: index of the background class (default -1, the last, as mmdet); an int
+      in [−C, C), which may be traced.
   Returns:
     Scalar float32 (batch-level: normalised by the weight sum, not the count).
 
@@ -569,10 +560,10 @@ def soft_teacher_cls(student_logits: Array, teacher_logits: Array, labels: Array
   """
   s, t = _student_teacher(student_logits, teacher_logits)
   num_classes = s.shape[-1]
-  if not -num_classes <= background_class < num_classes:
-    raise ValueError(f"background_class must index one of {num_classes} classes, "
-                     f"got {background_class}")
-  background_class %= num_classes
+  check_hparam("soft_teacher_cls", "background_class", background_class,
+               lambda c: (-num_classes <= c) & (c < num_classes),
+               f"the index of one of the {num_classes} classes")
+  background_class = background_class % num_classes
   labels = jnp.asarray(labels)
   if labels.ndim != 1:
     raise ValueError(f"labels must be [B] int class ids, got shape {labels.shape}")
@@ -585,39 +576,47 @@ def soft_teacher_cls(student_logits: Array, teacher_logits: Array, labels: Array
   return jnp.sum(weights * ce) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
-def skd_instance(student_logits: Array, teacher_logits: Array, mask: Array | None = None, *,
-                 temperature: float = 4.0) -> Array:
-  """SKD instance term (authors' code): T²·KL(p_t ‖ p_s) on the examples whose teacher
-  confidence max softmax(t) is at most the batch median, 0 on the others.
+def skd_instance(student_logits: Array, teacher_logits: Array, *, mask: Array | None = None,
+                 temperature: float = 4.0, mode: str = "paper") -> Array:
+  """SKD instance term: KL(p_t ‖ p_s) on p = softmax(·/T), per example.
 
-  The median is over the (unmasked) batch, so the values depend on the batch; they are per
-  example and their mean over the B examples equals the reference. The paper's Eq. (1) variant
-  (no T², no selection) is `kd(...) / T²`.
+  mode="paper" (default, the paper's Eq. 1 and torchdistill's default): the plain KL, i.e.
+  `kd(...) / T²`, for every example. mode="code" (the authors' code): T²·KL on the examples
+  whose teacher confidence max softmax(t) is at most the batch median, 0 on the others; the
+  median is over the real examples of the batch, so those values depend on the batch.
 
   Args:
     student_logits, teacher_logits: `[B, C]`.
-    mask: `[B]` or None; padded examples leave the median and get value 0.
-    temperature: T > 0 (default 4.0, the authors' code).
+    mask: `[B]` (1 = real example, 0 = padding) or None; padded examples leave the median and
+      get value 0 (in both modes).
+    temperature: T > 0 (default 4.0, the authors' code; the paper gives no value).
+    mode: "paper" or "code" (static).
   Returns:
-    `[B]` float32; mean equals torchdistill `SKDInstanceLoss(mode='code')`.
+    `[B]` float32; its mean over the B examples equals torchdistill
+    `SKDInstanceLoss(mode=mode)`.
 
   Jeong et al., "Streamlined Knowledge Distillation", CVPR 2026.
   Reference: torchdistill `losses.mid_level.SKDInstanceLoss`.
 
   >>> t = jnp.array([[3., 0.], [1., 0.], [0., 0.]]); s = jnp.zeros((3, 2))
-  >>> (skd_instance(s, t, temperature=1.0) > 0).tolist()
+  >>> (skd_instance(s, t, temperature=1.0, mode="code") > 0).tolist()
   [False, True, False]
+  >>> (skd_instance(s, t, temperature=1.0) > 0).tolist()
+  [True, True, False]
   """
-  _require_positive(temperature=temperature)
+  check_positive("skd_instance", temperature=temperature)
+  check_choice("skd_instance", "mode", mode, ("paper", "code"))
   s, t = _student_teacher(student_logits, teacher_logits)
+  valid = jnp.ones(s.shape[:1], bool) if mask is None else jnp.asarray(mask) > 0
+  kl = kd(s, t, temperature=temperature)
+  if mode == "paper":
+    return jnp.where(valid, kl / temperature**2, 0.0)
   confidence = jnp.max(jax.nn.softmax(t, axis=-1), axis=-1)
-  valid = jnp.ones(confidence.shape, bool) if mask is None else jnp.asarray(mask) > 0
   median = jnp.nanquantile(jnp.where(valid, confidence, jnp.nan), 0.5)
-  selected = valid & (confidence <= median)
-  return jnp.where(selected, kd(s, t, temperature=temperature), 0.0)
+  return jnp.where(valid & (confidence <= median), kl, 0.0)
 
 
-def skd_direction(student_logits: Array, teacher_logits: Array, mask: Array | None = None, *,
+def skd_direction(student_logits: Array, teacher_logits: Array, *, mask: Array | None = None,
                   tikhonov: float = 0.1, mode: str = "paper") -> Array:
   """SKD direction term (ONE SCALAR PER BATCH): mean_i √(d_iᵀ (Σ + λI)⁻¹ d_i).
 
@@ -628,10 +627,10 @@ def skd_direction(student_logits: Array, teacher_logits: Array, mask: Array | No
 
   Args:
     student_logits, teacher_logits: `[B, C]`.
-    mask: `[B]` or None; padded examples leave the Gram matrices, the covariance, the mean and
+    mask: `[B]` (1 = real example, 0 = padding) or None; padded examples leave the Gram matrices, the covariance, the mean and
       the class confidences, so the result equals the loss on the sliced batch.
     tikhonov: λ > 0 (default 0.1).
-    mode: "paper" (default, as torchdistill) or "code".
+    mode: "paper" (default, the paper's equation and torchdistill's default) or "code" (static).
   Returns:
     Scalar float32.
 
@@ -642,9 +641,8 @@ def skd_direction(student_logits: Array, teacher_logits: Array, mask: Array | No
   >>> float(skd_direction(t, t))
   0.0
   """
-  _require_positive(tikhonov=tikhonov)
-  if mode not in ("paper", "code"):
-    raise ValueError(f"mode must be 'paper' or 'code', got {mode!r}")
+  check_positive("skd_direction", tikhonov=tikhonov)
+  check_choice("skd_direction", "mode", mode, ("paper", "code"))
   s, t = _student_teacher(student_logits, teacher_logits)
   batch, num_classes = s.shape
   m = jnp.ones((batch,), s.dtype) if mask is None else jnp.asarray(mask, s.dtype)
@@ -669,39 +667,32 @@ def skd_direction(student_logits: Array, teacher_logits: Array, mask: Array | No
   return loss
 
 
-_LOGITS = ("student_logits", "teacher_logits")
-_WITH_LABELS = ("student_logits", "teacher_logits", "labels")
 _TORCHDISTILL = "torchdistill 1.1.5 losses.mid_level"
-for _name, _fn, _inputs, _per_example, _paper, _reference in (
-    ("kd", kd, _LOGITS, True, "Hinton et al., NIPS-W 2014", f"{_TORCHDISTILL}.KDLoss"),
-    ("reverse_kl", reverse_kl, _LOGITS, True, "Gu et al. (MiniLLM), ICLR 2024", "none"),
-    ("jensen_shannon", jensen_shannon, _LOGITS, True, "Lin, IEEE T-IT 1991", "none"),
-    ("logit_mse", logit_mse, _LOGITS, True, "Kim et al., IJCAI 2021", "jhoon-oh/kd_data"),
-    ("dkd", dkd, _WITH_LABELS, True, "Zhao et al., CVPR 2022",
+for _name, _fn, _per_example, _paper, _reference in (
+    ("kd", kd, True, "Hinton et al., NIPS-W 2014", f"{_TORCHDISTILL}.KDLoss"),
+    ("reverse_kl", reverse_kl, True, "Gu et al. (MiniLLM), ICLR 2024", "none"),
+    ("jensen_shannon", jensen_shannon, True, "Lin, IEEE T-IT 1991", "none"),
+    ("logit_mse", logit_mse, True, "Kim et al., IJCAI 2021", "jhoon-oh/kd_data"),
+    ("dkd", dkd, True, "Zhao et al., CVPR 2022",
      "megvii-research/mdistiller distillers/DKD.py dkd_loss"),
-    ("nkd", nkd, _WITH_LABELS, True, "Yang et al., ICCV 2023",
+    ("nkd", nkd, True, "Yang et al., ICCV 2023",
      "yzd-v/cls_KD mmcls/models/dis_losses/nkd.py NKDLoss"),
-    ("uskd", uskd, ("student_logits", "weak_logits", "labels", "mask"), True,
-     "Yang et al., ICCV 2023", "yzd-v/cls_KD mmcls/models/dis_losses/uskd.py USKDLoss"),
-    ("dist", dist, ("student_logits", "teacher_logits", "mask"), False,
-     "Huang et al., NeurIPS 2022", f"{_TORCHDISTILL}.DISTLoss"),
-    ("logit_standardized_kd", logit_standardized_kd, _LOGITS, True, "Sun et al., CVPR 2024",
+    ("uskd", uskd, True, "Yang et al., ICCV 2023",
+     "yzd-v/cls_KD mmcls/models/dis_losses/uskd.py USKDLoss"),
+    ("dist", dist, False, "Huang et al., NeurIPS 2022", f"{_TORCHDISTILL}.DISTLoss"),
+    ("logit_standardized_kd", logit_standardized_kd, True, "Sun et al., CVPR 2024",
      f"{_TORCHDISTILL}.LogitStdKDLoss"),
-    ("ofa", ofa, _WITH_LABELS, True, "Hao et al., NeurIPS 2023",
-     "Hao840/OFAKD distillers/ofa.py ofa_loss"),
-    ("nd", nd, ("student_features", "teacher_features", "labels"), True,
-     "Wang et al., arXiv 2305.17007", "ND/KD++ DirectNormLoss"),
-    ("meal_v2", meal_v2, _LOGITS, True, "Shen & Savvides, NeurIPS-W 2020",
+    ("ofa", ofa, True, "Hao et al., NeurIPS 2023", "Hao840/OFAKD distillers/ofa.py ofa_loss"),
+    ("nd", nd, True, "Wang et al., arXiv 2305.17007", "ND/KD++ DirectNormLoss"),
+    ("meal_v2", meal_v2, True, "Shen & Savvides, NeurIPS-W 2020",
      "szq0214/MEAL-V2 extensions/kd_loss.py KLLoss"),
-    ("bdkd", bdkd, _LOGITS, True, "Amara et al., arXiv 2212.12965",
-     "paper description (no code read)"),
-    ("skd_instance", skd_instance, ("student_logits", "teacher_logits", "mask"), True,
-     "Jeong et al., CVPR 2026", f"{_TORCHDISTILL}.SKDInstanceLoss(mode='code')"),
-    ("skd_direction", skd_direction, ("student_logits", "teacher_logits", "mask"), False,
-     "Jeong et al., CVPR 2026", f"{_TORCHDISTILL}.SKDDirectionLoss"),
-    ("soft_teacher_cls", soft_teacher_cls, ("student_logits", "teacher_logits", "labels", "mask"),
-     False, "Xu et al., ICCV 2021",
+    ("bdkd", bdkd, True, "Amara et al., arXiv 2212.12965", "paper description (no code read)"),
+    ("skd_instance", skd_instance, True, "Jeong et al., CVPR 2026",
+     f"{_TORCHDISTILL}.SKDInstanceLoss"),
+    ("skd_direction", skd_direction, False, "Jeong et al., CVPR 2026",
+     f"{_TORCHDISTILL}.SKDDirectionLoss"),
+    ("soft_teacher_cls", soft_teacher_cls, False, "Xu et al., ICCV 2021",
      "microsoft/SoftTeacher ssod/models/soft_teacher.py unsup_rcnn_cls_loss"),
 ):
-  register(_name, _fn, inputs=_inputs, per_example=_per_example, kind="logits", paper=_paper,
+  register(_name, _fn, per_example=_per_example, kind="logits", paper=_paper,
            reference=_reference)

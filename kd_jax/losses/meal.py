@@ -1,9 +1,10 @@
 """MEAL V2's adversarial part: a small discriminator on logits and its BCE loss.
 
 The discriminator's params live in the student-side state (`TrainState.distill_params`); the
-loss is a pure function of the discriminator's outputs. MEAL V2 adds this loss to the soft
-cross-entropy (`kd_jax.losses.meal_v2`) and minimises the sum over student AND discriminator
-params with one optimizer (no min-max game in the released code).
+loss is a pure function of the discriminator's outputs (registered as
+`"meal_v2_discriminator"`, alias `kd_jax.losses.meal_v2_discriminator`). MEAL V2 adds this loss
+to the soft cross-entropy (`kd_jax.losses.meal_v2`) and minimises the sum over student AND
+discriminator params with one optimizer (no min-max game in the released code).
 
 Shen & Savvides, "MEAL V2: Boosting Vanilla ResNet-50 to 80%+ Top-1 Accuracy on ImageNet
 without Tricks", NeurIPS-W 2020. Reference: szq0214/MEAL-V2 `models/discriminator.py`
@@ -13,6 +14,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+
+from kd_jax.losses.registry import register
 
 
 class MealV2Discriminator(nn.Module):
@@ -68,3 +71,8 @@ def meal_v2_discriminator_loss(student_scores: jax.Array, teacher_scores: jax.Ar
   teacher_bce = optax.sigmoid_binary_cross_entropy(teacher_scores.astype(dtype),
                                                    1.0 - student_target)
   return 0.25 * (jnp.sum(student_bce, axis=-1) + jnp.sum(teacher_bce, axis=-1))
+
+
+register("meal_v2_discriminator", meal_v2_discriminator_loss, per_example=True, kind="logits",
+         paper="Shen & Savvides, NeurIPS-W 2020",
+         reference="szq0214/MEAL-V2 models/discriminator.py Discriminator + loss.py discriminatorLoss")

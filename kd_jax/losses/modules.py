@@ -129,7 +129,8 @@ class VIDRegressor(nn.Module):
   Works on NHWC maps and on `[B, D]` (a 1×1 conv is a dense layer on the last axis).
 
   Returns:
-    `(mean [..., features], variance [features])`, the inputs of `features.vid`.
+    `(mean [..., features], variance [features])`, fed as
+    `features.vid(mean, teacher_features, variance)`.
   """
   features: int
   hidden_features: int

@@ -1,10 +1,11 @@
 """Relational distillation losses: they compare how examples relate within a batch.
 
 SP, PKT, RKD and CC return ONE SCALAR per batch (their value couples all examples) and take
-`mask: [B] | None`; a masked-out (padded) example is removed from every relation, so the
-result equals the loss on the sliced batch. CRD is per-example given its memory bank and
-carries that bank functionally. All compute in float32 and stop gradients on the teacher.
-Inputs are `[B, ...]` and are flattened to `[B, D]`.
+the keyword-only `mask: [B] | None` (1 = real example, 0 = padding); a padded example is
+removed from every relation, so the result equals the loss on the sliced batch. CRD is
+per-example given its memory bank and carries that bank functionally (its `mask` keeps padded
+rows out of the bank). All compute in float32 and stop gradients on the teacher. Inputs are
+`[B, ...]` and are flattened to `[B, D]`. Float hyperparameters may be traced.
 """
 import math
 
@@ -15,6 +16,7 @@ from kd_jax.losses.features import (NORMALIZE_EPS, as_float32, flatten_examples,
                                     safe_norm, teacher_float32)
 from kd_jax.losses.modules import CRDMemory
 from kd_jax.losses.registry import register
+from kd_jax.losses.utils import check_choice, check_hparam, check_non_negative, check_positive
 
 
 def example_mask(mask: jax.Array | None, batch_size: int) -> jax.Array:
@@ -40,22 +42,23 @@ def _flat_pair(student, teacher, mask):
   return student, teacher, m, jnp.maximum(jnp.sum(m), 1.0)
 
 
-def similarity_preserving(student_features: jax.Array, teacher_features: jax.Array,
-                          mask: jax.Array | None = None, *, p: int = 1) -> jax.Array:
+def similarity_preserving(student_features: jax.Array, teacher_features: jax.Array, *,
+                          mask: jax.Array | None = None, p: int = 2) -> jax.Array:
   """Similarity-preserving KD (SP): match row-normalised batch Gram matrices.
 
   G = F Fᵀ on flattened features, each row divided by its L_p norm;
   ℓ = ‖G_t − G_s‖²_F / n² (n real examples). Returns ONE SCALAR per batch.
 
-  Tung & Mori, "Similarity-Preserving Knowledge Distillation", ICCV 2019. Reference:
-  torchdistill `SPKDLoss(reduction='batchmean')`, which calls `normalize(G, 1)`, i.e. an
-  L1 row norm: hence the default p=1. The paper and RepDistiller `Similarity` use p=2.
+  Tung & Mori, "Similarity-Preserving Knowledge Distillation", ICCV 2019. The default p=2 (L2
+  row normalisation) follows the paper and the reference it names, RepDistiller `Similarity`.
+  torchdistill `SPKDLoss(reduction='batchmean')` calls `normalize(G, 1)`, an L1 row norm:
+  pass p=1 to reproduce it.
 
   Args:
     student_features: `[B, ...]`.
     teacher_features: `[B, ...]` (its width may differ).
-    mask: `[B]` real-example flags, or None.
-    p: row-norm order, 1 (torchdistill) or 2 (paper).
+    mask: `[B]` (1 = real example, 0 = padding) or None.
+    p: row-norm order, 2 (default: paper, RepDistiller) or 1 (torchdistill); static.
   Returns:
     Scalar float32.
 
@@ -63,8 +66,7 @@ def similarity_preserving(student_features: jax.Array, teacher_features: jax.Arr
   >>> float(similarity_preserving(x, 2 * x))
   0.0
   """
-  if p not in (1, 2):
-    raise ValueError(f"similarity_preserving: p must be 1 or 2, got {p!r}")
+  check_choice("similarity_preserving", "p", p, (1, 2))
   student, teacher, _, n = _flat_pair(student_features, teacher_features, mask)
 
   def row_normalize(gram):
@@ -77,8 +79,8 @@ def similarity_preserving(student_features: jax.Array, teacher_features: jax.Arr
   return jnp.sum(jnp.square(gram_t - gram_s)) / n ** 2
 
 
-def pkt(student_features: jax.Array, teacher_features: jax.Array,
-        mask: jax.Array | None = None, *, eps: float = 1e-7) -> jax.Array:
+def pkt(student_features: jax.Array, teacher_features: jax.Array, *,
+        mask: jax.Array | None = None, eps: float = 1e-7) -> jax.Array:
   """Probabilistic knowledge transfer (PKT): KL between cosine-similarity distributions.
 
   With c_ij = (1 + cos(f_i, f_j)) / 2 and P_ij = c_ij / Σ_k c_ik:
@@ -90,8 +92,8 @@ def pkt(student_features: jax.Array, teacher_features: jax.Array,
   Args:
     student_features: `[B, ...]` (torchdistill uses the penultimate `[B, D]`).
     teacher_features: `[B, ...]`.
-    mask: `[B]` real-example flags, or None.
-    eps: > 0, guards the norms and the log.
+    mask: `[B]` (1 = real example, 0 = padding) or None.
+    eps: > 0, guards the norms and the log (may be traced).
   Returns:
     Scalar float32.
 
@@ -99,8 +101,7 @@ def pkt(student_features: jax.Array, teacher_features: jax.Array,
   >>> abs(float(pkt(x, x))) < 1e-7
   True
   """
-  if eps <= 0:
-    raise ValueError(f"pkt: eps must be > 0, got {eps}")
+  check_positive("pkt", eps=eps)
   student, teacher, m, n = _flat_pair(student_features, teacher_features, mask)
   pair = m[:, None] * m[None, :]
 
@@ -130,7 +131,7 @@ def _pairwise_distance(e: jax.Array, pair: jax.Array, eps: float = 1e-12) -> jax
   return distance / mean
 
 
-def rkd_distance(student_features: jax.Array, teacher_features: jax.Array,
+def rkd_distance(student_features: jax.Array, teacher_features: jax.Array, *,
                  mask: jax.Array | None = None) -> jax.Array:
   """RKD distance-wise loss: Huber between mean-normalised pairwise distances.
 
@@ -157,7 +158,7 @@ def _angles(e: jax.Array) -> jax.Array:
   return jnp.einsum("ijd,ikd->ijk", directions, directions)
 
 
-def rkd_angle(student_features: jax.Array, teacher_features: jax.Array,
+def rkd_angle(student_features: jax.Array, teacher_features: jax.Array, *,
               mask: jax.Array | None = None) -> jax.Array:
   """RKD angle-wise loss: Huber between the cosines of all triplet angles.
 
@@ -177,8 +178,8 @@ def rkd_angle(student_features: jax.Array, teacher_features: jax.Array,
   return jnp.sum(triple * _smooth_l1(_angles(student) - _angles(teacher))) / n ** 3
 
 
-def rkd(student_features: jax.Array, teacher_features: jax.Array,
-        mask: jax.Array | None = None, *, distance_weight: float = 1.0,
+def rkd(student_features: jax.Array, teacher_features: jax.Array, *,
+        mask: jax.Array | None = None, distance_weight: float = 1.0,
         angle_weight: float = 2.0) -> jax.Array:
   """Relational KD: `distance_weight · rkd_distance + angle_weight · rkd_angle`.
 
@@ -189,8 +190,9 @@ def rkd(student_features: jax.Array, teacher_features: jax.Array,
   Args:
     student_features: `[B, ...]`.
     teacher_features: `[B, ...]`.
-    mask: `[B]` real-example flags, or None.
-    distance_weight, angle_weight: ≥ 0; a zero weight skips that term.
+    mask: `[B]` (1 = real example, 0 = padding) or None.
+    distance_weight, angle_weight: ≥ 0, may be traced; a concrete zero weight skips that
+      term (a traced one always computes both).
   Returns:
     Scalar float32.
 
@@ -198,19 +200,16 @@ def rkd(student_features: jax.Array, teacher_features: jax.Array,
   >>> abs(float(rkd(x + 5, x))) < 1e-6
   True
   """
-  if distance_weight < 0 or angle_weight < 0:
-    raise ValueError(f"rkd: distance_weight and angle_weight must be >= 0, got "
-                     f"{distance_weight} and {angle_weight}")
+  check_non_negative("rkd", distance_weight=distance_weight, angle_weight=angle_weight)
   loss = jnp.float32(0.0)
-  if distance_weight:
-    loss += distance_weight * rkd_distance(student_features, teacher_features, mask=mask)
-  if angle_weight:
-    loss += angle_weight * rkd_angle(student_features, teacher_features, mask=mask)
+  for weight, term in ((distance_weight, rkd_distance), (angle_weight, rkd_angle)):
+    if isinstance(weight, jax.core.Tracer) or weight != 0:
+      loss += weight * term(student_features, teacher_features, mask=mask)
   return loss
 
 
-def correlation_congruence(student_features: jax.Array, teacher_features: jax.Array,
-                           mask: jax.Array | None = None, *, kernel: str = "gaussian",
+def correlation_congruence(student_features: jax.Array, teacher_features: jax.Array, *,
+                           mask: jax.Array | None = None, kernel: str = "gaussian",
                            gamma: float = 0.4, max_p: int = 2) -> jax.Array:
   """Correlation congruence (CC): distance between batch correlation matrices.
 
@@ -227,10 +226,11 @@ def correlation_congruence(student_features: jax.Array, teacher_features: jax.Ar
   Args:
     student_features: `[B, ...]`.
     teacher_features: `[B, ...]`.
-    mask: `[B]` real-example flags, or None.
-    kernel: `"gaussian"` or `"bilinear"`.
-    gamma: > 0, RBF parameter (gaussian only).
-    max_p: ≥ 0, Taylor order (gaussian only).
+    mask: `[B]` (1 = real example, 0 = padding) or None.
+    kernel: `"gaussian"` or `"bilinear"` (static).
+    gamma: > 0, RBF parameter (gaussian only; may be traced).
+    max_p: ≥ 0, Taylor order (gaussian only; a static Python int: it sets the number of
+      terms).
   Returns:
     Scalar float32.
 
@@ -238,11 +238,11 @@ def correlation_congruence(student_features: jax.Array, teacher_features: jax.Ar
   >>> float(correlation_congruence(x, x))
   0.0
   """
-  if kernel not in ("gaussian", "bilinear"):
-    raise ValueError(f"correlation_congruence: kernel must be 'gaussian' or 'bilinear', got {kernel!r}")
-  if kernel == "gaussian" and not (gamma > 0 and isinstance(max_p, int) and max_p >= 0):
-    raise ValueError(f"correlation_congruence: need gamma > 0 and integer max_p >= 0, got "
-                     f"gamma={gamma}, max_p={max_p!r}")
+  check_choice("correlation_congruence", "kernel", kernel, ("gaussian", "bilinear"))
+  if kernel == "gaussian":
+    check_positive("correlation_congruence", gamma=gamma)
+    if not (isinstance(max_p, int) and max_p >= 0):
+      raise ValueError(f"correlation_congruence: max_p must be a Python int >= 0, got {max_p!r}")
   student, teacher, _, n = _flat_pair(student_features, teacher_features, mask)
 
   def correlation(f):
@@ -250,7 +250,7 @@ def correlation_congruence(student_features: jax.Array, teacher_features: jax.Ar
     if kernel == "bilinear":
       return product
     terms = [(2 * gamma) ** p / math.factorial(p) * product ** p for p in range(max_p + 1)]
-    return math.exp(-2 * gamma) * sum(terms)
+    return jnp.exp(-2 * gamma) * sum(terms)
 
   # Padded rows have zero features, but the gaussian kernel of zeros is not zero: mask pairs.
   m = example_mask(mask, student.shape[0])
@@ -259,7 +259,7 @@ def correlation_congruence(student_features: jax.Array, teacher_features: jax.Ar
 
 
 def crd(student_embedding: jax.Array, teacher_embedding: jax.Array, memory: CRDMemory,
-        indices: jax.Array, contrast_indices: jax.Array, mask: jax.Array | None = None, *,
+        indices: jax.Array, contrast_indices: jax.Array, *, mask: jax.Array | None = None,
         temperature: float = 0.07, momentum: float = 0.5,
         eps: float = 1e-7) -> tuple[jax.Array, CRDMemory]:
   """Contrastive representation distillation (CRD) with an NCE memory bank.
@@ -287,11 +287,11 @@ def crd(student_embedding: jax.Array, teacher_embedding: jax.Array, memory: CRDM
     memory: `CRDMemory` with `[N, D]` banks.
     indices: `[B]` dataset indices of the batch's examples.
     contrast_indices: `[B, K + 1]` int, column 0 equal to `indices`.
-    mask: `[B]` real-example flags; padded rows neither update the bank nor set Z and
-      their loss is 0.
+    mask: `[B]` (1 = real example, 0 = padding) or None; padded rows neither update the bank
+      nor set Z and their loss is 0.
     temperature: τ > 0.
     momentum: bank momentum in [0, 1).
-    eps: > 0.
+    eps: > 0. (All three may be traced.)
   Returns:
     (`[B]` float32 loss, updated `CRDMemory`).
 
@@ -304,12 +304,8 @@ def crd(student_embedding: jax.Array, teacher_embedding: jax.Array, memory: CRDM
   >>> loss.shape, bool(mem.z_student > 0)
   ((2,), True)
   """
-  if temperature <= 0:
-    raise ValueError(f"crd: temperature must be > 0, got {temperature}")
-  if not 0 <= momentum < 1:
-    raise ValueError(f"crd: momentum must be in [0, 1), got {momentum}")
-  if eps <= 0:
-    raise ValueError(f"crd: eps must be > 0, got {eps}")
+  check_positive("crd", temperature=temperature, eps=eps)
+  check_hparam("crd", "momentum", momentum, lambda m: (0 <= m) & (m < 1), "in [0, 1)")
   student = as_float32(student_embedding)
   teacher = as_float32(teacher_embedding)
   num_data, dim = memory.student.shape
@@ -356,24 +352,21 @@ def crd(student_embedding: jax.Array, teacher_embedding: jax.Array, memory: CRDM
   return loss, new_memory
 
 
-register("sp", similarity_preserving, inputs=("student_features", "teacher_features", "mask"),
-         per_example=False, kind="relations", paper="Tung & Mori, SP, ICCV 2019",
-         reference="torchdistill 1.1.5 SPKDLoss(reduction='batchmean')")
-register("pkt", pkt, inputs=("student_features", "teacher_features", "mask"), per_example=False,
-         kind="relations", paper="Passalis & Tefas, PKT, ECCV 2018",
-         reference="torchdistill 1.1.5 PKTLoss")
-register("rkd", rkd, inputs=("student_features", "teacher_features", "mask"), per_example=False,
-         kind="relations", paper="Park et al., RKD, CVPR 2019", reference="torchdistill 1.1.5 RKDLoss")
-register("rkd_distance", rkd_distance, inputs=("student_features", "teacher_features", "mask"),
-         per_example=False, kind="relations", paper="Park et al., RKD, CVPR 2019",
-         reference="torchdistill 1.1.5 RKDLoss(dist_factor=1, angle_factor=0)")
-register("rkd_angle", rkd_angle, inputs=("student_features", "teacher_features", "mask"),
-         per_example=False, kind="relations", paper="Park et al., RKD, CVPR 2019",
-         reference="torchdistill 1.1.5 RKDLoss(dist_factor=0, angle_factor=1)")
-register("cc", correlation_congruence, inputs=("student_features", "teacher_features", "mask"),
-         per_example=False, kind="relations", paper="Peng et al., CCKD, ICCV 2019",
-         reference="torchdistill 1.1.5 CCKDLoss(reduction='batchmean') + Linear4CCKD")
-register("crd", crd, inputs=("student_embedding", "teacher_embedding", "crd_memory", "indices",
-                             "contrast_indices", "mask"),
-         per_example=True, kind="relations", paper="Tian et al., CRD, ICLR 2020",
-         reference="torchdistill 1.1.5 CRDLoss + Linear4CRD; RepDistiller crd/")
+_TD = "torchdistill 1.1.5 "
+for _name, _fn, _per_example, _paper, _reference in (
+    ("sp", similarity_preserving, False, "Tung & Mori, SP, ICCV 2019",
+     "RepDistiller distiller_zoo/SP.py Similarity (p=2); "
+     + _TD + "SPKDLoss(reduction='batchmean') is p=1"),
+    ("pkt", pkt, False, "Passalis & Tefas, PKT, ECCV 2018", _TD + "PKTLoss"),
+    ("rkd", rkd, False, "Park et al., RKD, CVPR 2019", _TD + "RKDLoss"),
+    ("rkd_distance", rkd_distance, False, "Park et al., RKD, CVPR 2019",
+     _TD + "RKDLoss(dist_factor=1, angle_factor=0)"),
+    ("rkd_angle", rkd_angle, False, "Park et al., RKD, CVPR 2019",
+     _TD + "RKDLoss(dist_factor=0, angle_factor=1)"),
+    ("cc", correlation_congruence, False, "Peng et al., CCKD, ICCV 2019",
+     _TD + "CCKDLoss(reduction='batchmean') + Linear4CCKD"),
+    ("crd", crd, True, "Tian et al., CRD, ICLR 2020",
+     _TD + "CRDLoss + Linear4CRD; RepDistiller crd/"),
+):
+  register(_name, _fn, per_example=_per_example, kind="relations", paper=_paper,
+           reference=_reference)

@@ -1,6 +1,55 @@
-"""Reductions and schedules shared by the losses and the train step."""
+"""Reductions, schedules and hyperparameter checks shared by the losses and the train step."""
+from typing import Any, Callable
+
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+
+def check_hparam(loss: str, name: str, value: Any, ok: Callable[[Any], Any],
+                 requirement: str) -> None:
+  """Raises `ValueError("<loss>: <name> must be <requirement>, got <value>")` unless `ok(value)`.
+
+  Only a concrete value is checked: a traced one (the hyperparameter is an argument of a
+  `jax.jit`-ed function, e.g. a temperature schedule) cannot be read in Python, so it is
+  passed through unchecked; validate such values before tracing.
+
+  >>> check_hparam("kd", "temperature", 4.0, lambda t: t > 0, "> 0")
+  >>> check_hparam("kd", "temperature", 0.0, lambda t: t > 0, "> 0")
+  Traceback (most recent call last):
+  ...
+  ValueError: kd: temperature must be > 0, got 0.0
+  >>> jax.jit(lambda t: check_hparam("kd", "temperature", t, lambda t: t > 0, "> 0"))(0.0)
+  """
+  if isinstance(value, jax.core.Tracer):
+    return
+  if not bool(np.all(ok(value))):
+    raise ValueError(f"{loss}: {name} must be {requirement}, got {value!r}")
+
+
+def check_choice(loss: str, name: str, value: Any, choices: tuple) -> None:
+  """Raises `ValueError` unless `value` is one of `choices` (a static, structural hyperparameter
+  such as a mode string).
+
+  >>> check_choice("at", "mode", "math", ("code", "paper"))
+  Traceback (most recent call last):
+  ...
+  ValueError: at: mode must be 'code' or 'paper', got 'math'
+  """
+  if value not in choices:
+    raise ValueError(f"{loss}: {name} must be {' or '.join(map(repr, choices))}, got {value!r}")
+
+
+def check_positive(loss: str, **hparams: Any) -> None:
+  """`check_hparam(loss, name, value, > 0)` for each keyword."""
+  for name, value in hparams.items():
+    check_hparam(loss, name, value, lambda v: v > 0, "> 0")
+
+
+def check_non_negative(loss: str, **hparams: Any) -> None:
+  """`check_hparam(loss, name, value, >= 0)` for each keyword."""
+  for name, value in hparams.items():
+    check_hparam(loss, name, value, lambda v: v >= 0, ">= 0")
 
 
 def masked_mean(values: jax.Array, mask: jax.Array | None = None) -> jax.Array:

@@ -11,7 +11,7 @@ from kd_jax.data.dsa import diff_augment
 from kd_jax.dataset_distill import run as run_lib
 from kd_jax.dataset_distill.matching import (TrajectoryMatcher, make_inner_step, minibatch_plan,
                                              parameter_distance_loss)
-from kd_jax.train_step import cross_entropy
+from kd_jax.step import cross_entropy
 
 NUM_STEPS, NUM_IMAGES, BATCH_SYN = 2, 4, 2
 

@@ -50,12 +50,12 @@ def test_self_relation_splits_heads_like_value_relation():
 
 
 @pytest.mark.parametrize("per_example", [False, True])
-def test_token_mask_equals_slicing(per_example):
+def test_mask_equals_slicing(per_example):
   s, t = normal(7, (2, 2, 5, 5)), normal(8, (2, 2, 5, 5))
   vs, vt = normal(9, (2, 2, 5, 3)), normal(10, (2, 2, 5, 4))
   lengths = (3, 5)
-  token_mask = jnp.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
-  masked = A.minilm(s, t, vs, vt, token_mask, per_example=per_example)
+  mask = jnp.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+  masked = A.minilm(s, t, vs, vt, mask=mask, per_example=per_example)
   for b, n in enumerate(lengths):
     sliced = A.minilm(s[b:b + 1, :, :n, :n], t[b:b + 1, :, :n, :n], vs[b:b + 1, :, :n],
                       vt[b:b + 1, :, :n], per_example=per_example)[0]
@@ -70,21 +70,22 @@ def test_gradients_teacher_stop_and_dtypes():
   s, t = normal(11, (1, 2, 3, 3)), normal(12, (1, 2, 3, 3))
   vs, vt = normal(13, (1, 2, 3, 4)), normal(14, (1, 2, 3, 4))
   mask = jnp.array([[1, 1, 0]])
-  check_grads(jax.jit(lambda a: jnp.sum(A.attention_kl(a, t, mask))), (s,), order=1, modes=["rev"],
-              atol=2e-2, rtol=2e-2, eps=3e-3)
-  check_grads(jax.jit(lambda a: jnp.sum(A.value_relation_kl(a, vt, mask))),
+  check_grads(jax.jit(lambda a: jnp.sum(A.attention_kl(a, t, mask=mask))), (s,), order=1,
+              modes=["rev"], atol=2e-2, rtol=2e-2, eps=3e-3)
+  check_grads(jax.jit(lambda a: jnp.sum(A.value_relation_kl(a, vt, mask=mask))),
               (vs,), order=1, modes=["rev"], atol=2e-2, rtol=2e-2, eps=3e-3)
-  teacher_grads = jax.grad(lambda b, w: jnp.sum(A.minilm(s, b, vs, w, mask)), argnums=(0, 1))(t, vt)
+  teacher_grads = jax.grad(lambda b, w: jnp.sum(A.minilm(s, b, vs, w, mask=mask)),
+                           argnums=(0, 1))(t, vt)
   assert not any(np.any(np.asarray(g)) for g in teacher_grads)
   low = jax.jit(A.minilm)(s.astype(jnp.bfloat16), t.astype(jnp.bfloat16), vs.astype(jnp.bfloat16),
-                          vt.astype(jnp.bfloat16), mask)
+                          vt.astype(jnp.bfloat16), mask=mask)
   assert low.dtype == jnp.float32
-  close(low, A.minilm(s, t, vs, vt, mask), tol=5e-2)
+  close(low, A.minilm(s, t, vs, vt, mask=mask), tol=5e-2)
 
 
 @pytest.mark.parametrize("call, match", [
     (lambda x: A.attention_kl(x, x[:, :1]), "same"),
-    (lambda x: A.attention_kl(x, x, jnp.ones((2, 4))), "token_mask must have shape"),
+    (lambda x: A.attention_kl(x, x, mask=jnp.ones((2, 4))), r"mask must have shape \(2, 3\)"),
     (lambda x: A.value_relation_kl(x[0], x[0]), r"\[B, heads, T, d\]"),
     (lambda x: A.self_relation_kl(x[:, 0], x[:, 0], num_relation_heads=2), "not divisible"),
     (lambda x: A.self_relation_kl(x[:, 0], x[:, 0], num_relation_heads=0), "positive int"),

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
-from kd_jax.losses import cka as C
+from kd_jax.losses import kernel_alignment as C
 
 REF = np.load(Path(__file__).parent / "fixtures" / "features_reference.npz")
 
@@ -61,7 +61,7 @@ def test_mask_equals_slicing(kernel, debiased):
   mask = jnp.array([1, 1, 0, 1, 1, 0, 1, 1, 0])
   keep = np.flatnonzero(mask)
   padded_x, padded_y = x.at[2].set(1e4), y.at[5].set(jnp.nan)
-  close(C.cka_loss(padded_x, padded_y, mask, kernel=kernel, debiased=debiased),
+  close(C.cka_loss(padded_x, padded_y, mask=mask, kernel=kernel, debiased=debiased),
         C.cka_loss(x[keep], y[keep], kernel=kernel, debiased=debiased))
 
 

@@ -24,8 +24,8 @@ def test_at_matches_torchdistill(mode):
 
 
 def test_fsp_matches_torchdistill():
-  values = F.fsp(*(ref(f"fsp/{k}") for k in ("student_first", "student_second", "teacher_first",
-                                              "teacher_second")))
+  values = F.fsp((ref("fsp/student_first"), ref("fsp/student_second")),
+                 (ref("fsp/teacher_first"), ref("fsp/teacher_second")))
   assert_close(values.mean(), ref("fsp/value"))
 
 
@@ -42,7 +42,7 @@ def test_vid_and_regressor_match_torchdistill():
   init = jax.eval_shape(model.init, jax.random.key(0), ref("vid/input"))["params"]
   assert jax.tree.map(jnp.shape, init) == jax.tree.map(jnp.shape, params)
   mean, variance = jax.jit(model.apply)({"params": params}, ref("vid/input"))
-  assert_close(F.vid(mean, variance, ref("vid/teacher")).mean(), ref("vid/value"))
+  assert_close(F.vid(mean, ref("vid/teacher"), variance).mean(), ref("vid/value"))
 
 
 def _bn(prefix):
@@ -102,7 +102,7 @@ def test_ab_ickd_affinity_pad_match_torchdistill():
   # torchdistill's ChSimLoss divides by the batch size once more.
   assert_close(F.inter_channel_correlation(s, t).mean() / s.shape[0], ref("ickd/value"))
   assert_close(F.affinity(s, t).mean(), ref("affinity/value"))
-  values = F.prime_aware_l2(ref("pad_l2/student"), ref("pad_l2/log_variance"), ref("pad_l2/teacher"))
+  values = F.prime_aware_l2(ref("pad_l2/student"), ref("pad_l2/teacher"), ref("pad_l2/log_variance"))
   assert_close(values.mean(), ref("pad_l2/value"))
 
 
@@ -114,13 +114,13 @@ def test_zero_at_identity_and_invariances():
   for values in (F.fitnet(x, x), F.attention_transfer(x, 3.0 * x),
                  F.attention_transfer(x, x, mode="paper"), F.factor_transfer(x, 2.0 * x),
                  F.factor_transfer(x, x, p=3), F.nst(x, x), F.hierarchical_context(x, x),
-                 F.fsp(x, x, x, x), F.ofd(positive, positive, margin=-jnp.ones(5)),
+                 F.fsp((x, x), (x, x)), F.ofd(positive, positive, margin=-jnp.ones(5)),
                  F.inter_channel_correlation(x, 2.0 * x), F.affinity(x, 0.5 * x),
                  F.activation_boundary(2 * jnp.sign(x), x)):
     assert values.shape == (3,)
     assert_close(values, jnp.zeros(3), tol=1e-6)
   # VID's NLL is minimised by the teacher mean; variance 1 gives 0.
-  assert_close(F.vid(x, jnp.ones(5), x), jnp.zeros(3))
+  assert_close(F.vid(x, x, jnp.ones(5)), jnp.zeros(3))
 
 
 def test_ofd_ignores_student_below_negative_teacher():
@@ -147,13 +147,13 @@ PER_EXAMPLE = {
     "ft_p2": lambda s, t: F.factor_transfer(s, t, p=2),
     "nst": lambda s, t: F.nst(s, t),
     "hcl": lambda s, t: F.hierarchical_context(s, t, output_sizes=(2, 1)),
-    "fsp": lambda s, t: F.fsp(s, s ** 2, t, t ** 2),
+    "fsp": lambda s, t: F.fsp((s, s ** 2), (t, t ** 2)),
     "ofd": lambda s, t: F.ofd(s, t, margin=-0.5 * jnp.ones(3)),
-    "vid": lambda s, t: F.vid(s, 1.5 * jnp.ones(3), t),
+    "vid": lambda s, t: F.vid(s, t, 1.5 * jnp.ones(3)),
     "ab": lambda s, t: F.activation_boundary(s, t),
     "ickd": lambda s, t: F.inter_channel_correlation(s, t),
     "affinity": lambda s, t: F.affinity(s, t),
-    "pad_l2": lambda s, t: F.prime_aware_l2(s, 0.1 * jnp.ones((2, 48)), t),
+    "pad_l2": lambda s, t: F.prime_aware_l2(s, t, 0.1 * jnp.ones((2, 48))),
 }
 
 
@@ -182,8 +182,9 @@ def test_gradients_teacher_stop_and_dtypes(name):
     (lambda x: F.attention_transfer(x, x[:, :2]), "spatial"),
     (lambda x: F.adaptive_pool2d(x, (2, 2), reduce="sum"), "reduce"),
     (lambda x: F.activation_boundary(x, x, margin=-1.0), "margin must be >= 0"),
-    (lambda x: F.prime_aware_l2(x, jnp.ones((2, 3)), x), "student_log_variance"),
+    (lambda x: F.prime_aware_l2(x, x, jnp.ones((2, 3))), "student_log_variance"),
     (lambda x: F.prime_aware_l2(x, x, x, eps=0.0), "eps must be > 0"),
+    (lambda x: F.fsp(x, (x, x)), r"student_features must be a pair \(first, second\)"),
 ])
 def test_invalid_arguments_raise(call, match):
   with pytest.raises(ValueError, match=match):
@@ -239,7 +240,9 @@ def test_attention_fusion_chain_shapes():
 
 
 def test_registered_feature_losses_metadata():
-  for name in ("fitnet", "at", "fsp", "ft", "vid", "nst", "ofd", "reviewkd_hcl", "ab", "pad_l2",
-               "ickd", "kta_affinity"):
+  names = [n for n in losses.list_losses() if losses.get_loss(n).kind == "features"]
+  assert sorted(names) == ["ab", "at", "fitnet", "fsp", "ft", "ickd", "kta_affinity", "nst", "ofd",
+                           "pad_l2", "reviewkd_hcl", "vid"]
+  for name in names:
     spec = losses.get_loss(name)
-    assert spec.kind == "features" and spec.per_example and spec.reference
+    assert spec.per_example and not spec.takes_mask

@@ -3,8 +3,10 @@
 CKA(K, L) = HSIC(K, L) / √(HSIC(K, K)·HSIC(L, L)) for Gram matrices K, L of the two
 representations. The biased estimator centres with H = I − 11ᵀ/n; the debiased one uses the
 unbiased HSIC estimator (Song et al., 2012), as in Kornblith et al.'s reference notebook.
-CKA is ONE SCALAR per batch; `mask` removes padded examples (masked equals sliced).
-Use `linear_cka` / `rbf_cka` as analysis metrics and `cka_loss` (1 − CKA) for training.
+CKA is ONE SCALAR per batch; the keyword-only `mask` (`[B]`, 1 = real example, 0 = padding)
+removes padded examples (masked equals sliced). Use `linear_cka` / `rbf_cka` as analysis
+metrics and `cka_loss` (1 − CKA, registered as `"cka"`, alias `kd_jax.losses.cka`) for
+training. `kernel` and `debiased` are static; `threshold` may be traced.
 
 Kornblith et al., "Similarity of Neural Network Representations Revisited", ICML 2019.
 Reference: google-research `representation_similarity` notebook (`gram_linear`,
@@ -16,6 +18,7 @@ import jax.numpy as jnp
 from kd_jax.losses.features import as_float32, flatten_examples, safe_norm, teacher_float32
 from kd_jax.losses.registry import register
 from kd_jax.losses.relations import example_mask
+from kd_jax.losses.utils import check_choice, check_positive
 
 
 def _gram_linear(x: jax.Array) -> jax.Array:
@@ -49,10 +52,8 @@ def _center_gram(gram: jax.Array, m: jax.Array, debiased: bool) -> jax.Array:
 
 
 def _cka(x, y, mask, kernel: str, threshold: float, debiased: bool) -> jax.Array:
-  if kernel not in ("linear", "rbf"):
-    raise ValueError(f"cka: kernel must be 'linear' or 'rbf', got {kernel!r}")
-  if threshold <= 0:
-    raise ValueError(f"cka: threshold must be > 0, got {threshold}")
+  check_choice("cka", "kernel", kernel, ("linear", "rbf"))
+  check_positive("cka", threshold=threshold)
   x, y = flatten_examples(x), flatten_examples(y)
   if x.shape[0] != y.shape[0]:
     raise ValueError(f"cka: the two batches differ in size, {x.shape[0]} vs {y.shape[0]}")
@@ -79,7 +80,7 @@ def linear_cka(x: jax.Array, y: jax.Array, *, mask: jax.Array | None = None,
   Args:
     x: `[B, ...]` first representation (flattened to `[B, Dx]`).
     y: `[B, ...]` second representation (its width may differ).
-    mask: `[B]` real-example flags, or None.
+    mask: `[B]` (1 = real example, 0 = padding) or None.
     debiased: use the unbiased HSIC estimator (needs ≥ 4 real examples).
   Returns:
     Scalar float32 in [0, 1] (the debiased value can dip slightly below 0).
@@ -104,18 +105,18 @@ def rbf_cka(x: jax.Array, y: jax.Array, *, mask: jax.Array | None = None,
   return _cka(as_float32(x), as_float32(y), mask, "rbf", threshold, debiased)
 
 
-def cka_loss(student_features: jax.Array, teacher_features: jax.Array,
-             mask: jax.Array | None = None, *, kernel: str = "linear", threshold: float = 1.0,
+def cka_loss(student_features: jax.Array, teacher_features: jax.Array, *,
+             mask: jax.Array | None = None, kernel: str = "linear", threshold: float = 1.0,
              debiased: bool = False) -> jax.Array:
   """1 − CKA(student, teacher): ONE SCALAR per batch, teacher gradient-stopped.
 
   Args:
     student_features: `[B, ...]`.
     teacher_features: `[B, ...]`.
-    mask: `[B]` real-example flags, or None.
-    kernel: `"linear"` or `"rbf"`.
-    threshold: RBF bandwidth as a fraction of the median distance.
-    debiased: use the unbiased HSIC estimator.
+    mask: `[B]` (1 = real example, 0 = padding) or None.
+    kernel: `"linear"` or `"rbf"` (static).
+    threshold: RBF bandwidth as a fraction of the median distance (may be traced).
+    debiased: use the unbiased HSIC estimator (static).
   Returns:
     Scalar float32.
 
@@ -127,7 +128,6 @@ def cka_loss(student_features: jax.Array, teacher_features: jax.Array,
                     kernel, threshold, debiased)
 
 
-register("cka", cka_loss, inputs=("student_features", "teacher_features", "mask"),
-         per_example=False, kind="relations",
+register("cka", cka_loss, per_example=False, kind="relations",
          paper="Kornblith et al., Similarity of Neural Network Representations Revisited, ICML 2019",
          reference="google-research/google-research representation_similarity (center_gram, cka)")
