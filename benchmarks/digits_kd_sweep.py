@@ -3,8 +3,9 @@
     python benchmarks/digits_kd_sweep.py --workdir=/tmp/digits_sweep
 
 Trains on train[:1000], evaluates on train[1000:], for 3 seeds: the teacher and the
-label-only baseline once per seed, then the KD student for each (temperature, alpha).
-Prints the mean validation accuracy of each setting.
+label-only baseline once per seed, then the KD student for each (temperature, alpha), whose
+terms are (1 − alpha)·CE + alpha·KD(T) (`configs.common.kd_terms`). Prints the mean validation
+accuracy of each setting.
 """
 import ast
 import itertools
@@ -15,14 +16,14 @@ from absl import app, flags, logging
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from configs import digits_kd  # noqa: E402  pylint: disable=g-import-not-at-top
+from configs import common, digits_kd  # noqa: E402  pylint: disable=g-import-not-at-top
 from kd_jax import kd_job  # noqa: E402  pylint: disable=g-import-not-at-top
 import results_log  # noqa: E402  (benchmarks/, the script's folder)
 
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/digits_sweep", "Where runs are written.")
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds.")
 _TEMPERATURES = flags.DEFINE_list("temperatures", ["2", "4", "8"], "KD temperatures.")
-_ALPHAS = flags.DEFINE_list("alphas", ["0.5", "0.9"], "KD weights.")
+_ALPHAS = flags.DEFINE_list("alphas", ["0.5", "0.9"], "KD weights alpha (CE weighs 1 - alpha).")
 _EPOCHS = flags.DEFINE_integer("epochs", 30, "Student epochs.")
 _OVERRIDES = flags.DEFINE_multi_string(
     "override", [], "Config override KEY=PYTHON_LITERAL, e.g. student.model_kwargs.widths=(8,16).")
@@ -51,7 +52,7 @@ def main(_):
       with config.unlocked():
         config.teacher.checkpoint = os.path.join(base_dir, "teacher", "checkpoints")
         config.student.baseline = False
-        config.distill.hparams.temperature, config.distill.alpha = t, a
+        config.distill.terms = common.kd_terms(ce_weight=1.0 - a, kd_weight=a, temperature=t)
       rows = kd_job.run(config, os.path.join(base_dir, f"kd_T{t}_a{a}"))
       acc.setdefault(f"kd T={t} alpha={a}", []).append(rows[-1]["accuracy"])
       print(f"seed {seed} T={t} alpha={a}: {100 * rows[-1]['accuracy']:.2f}", flush=True)

@@ -3,15 +3,19 @@
     PYTHONPATH=. python benchmarks/fault_injection.py                   # K=20 kills, ~10-15 min on 2 cores
     PYTHONPATH=. python benchmarks/fault_injection.py --kills=2 --no_record   # smoke run, ~4 min
 
-Every run is `python -m kd_jax.main --config=CONFIG` (default `configs/digits_kd.py:runlocal`, the
-KD job; the dataset-distillation job does not resume its matching loop yet) in a subprocess.
+Every run is `python -m kd_jax.main --config=CONFIG` in a subprocess. The default is the KD job,
+`configs/digits_kd.py:runlocal`; `--config=configs/dd_digits.py:runlocal` runs the
+dataset-distillation job, meaningful once its matching loop resumes from checkpoints.
 1. Reference: one uninterrupted run in its own workdir, timed. Its `results.json` is what
    every other run must reproduce byte for byte (computed afresh each time, since results
    change with the code).
-2. Kills: a fresh workdir; each run is SIGKILLed at a random time in (0.5 s, reference time),
-   then rerun, until a run finishes. Rounds repeat in fresh workdirs until `--kills` kills
-   have landed. Where each kill landed is read from the workdir (stage and logged step, or a
-   checkpoint being written).
+2. Kills: a fresh workdir; up to `--kills_per_round` runs in a row are SIGKILLed, then a run
+   goes to the end. Rounds repeat in fresh workdirs until `--kills` kills have landed. A round
+   draws its kill points as random counts of the metric lines a whole run logs, sorted; each
+   kill waits until the workdir holds that many lines, then a random part of the mean time
+   between two lines. So kills spread over start-up, every stage, checkpoint writes and
+   evaluation whatever the machine's load. Where each kill landed is read from the workdir
+   (stage and logged step, a checkpoint being written, or past the last line).
 3. Damage: each kind of file the run writes (checkpoint array data, array metadata, kd_jax
    metadata, a whole step, metrics.jsonl, event file, config.json, results.json, .lock) is
    truncated to half or deleted in a copy of the reference workdir, which is then rerun.
@@ -21,8 +25,9 @@ KD job; the dataset-distillation job does not resume its matching loop yet) in a
    Checkpoint damage hits the newest step of the first stage.
 4. Two runs at once on one workdir: the second must be refused; the first must finish.
 5. Disk full: the run writes to a small tmpfs (needs mount rights; otherwise a child whose
-   writes under the workdir raise ENOSPC once the second stage starts). It must stop with a
-   clear error; a copy of its workdir on a roomy disk must then resume to the reference results.
+   Python-level opens for writing under the workdir raise ENOSPC once a checkpoint exists;
+   TensorStore's array writes are not hit). It must stop with a clear error; a copy of its
+   workdir on a roomy disk must then resume to the reference results.
 """
 import argparse
 import glob
@@ -40,18 +45,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import results_log  # noqa: E402  (benchmarks/, the script's folder)
 
-# Raises ENOSPC for writes under the workdir once the second stage opens a file: the disk-full
-# fallback when no tmpfs can be mounted. argv: workdir, then kd_jax.main's arguments.
+# Raises ENOSPC for files opened for writing under the workdir once a checkpoint step exists: the
+# disk-full fallback when no tmpfs can be mounted. argv: workdir, then kd_jax.main's arguments.
 _ENOSPC_CHILD = """
-import builtins, errno, os, runpy, sys
+import builtins, errno, glob, os, runpy, sys
 workdir, real_open = os.path.abspath(sys.argv[1]), builtins.open
-state = {"full": False}
 def open_(path, mode="r", *args, **kwargs):
   name = os.path.abspath(os.fspath(path)) if isinstance(path, (str, os.PathLike)) else ""
-  if name.startswith(workdir) and set(mode) & set("wax+"):
-    state["full"] |= "student_baseline" in name
-    if state["full"]:
-      raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), name)
+  if (name.startswith(workdir) and set(mode) & set("wax+")
+      and any(os.path.basename(step).isdigit()
+              for step in glob.glob(os.path.join(workdir, "*", "checkpoints", "*")))):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), name)
   return real_open(path, mode, *args, **kwargs)
 builtins.open = open_
 sys.argv = ["kd_jax.main"] + sys.argv[2:]
@@ -79,20 +83,27 @@ class Runner:
     return subprocess.Popen([sys.executable, *prefix, *self.args(workdir)], cwd=ROOT, env=self.env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
-  def run(self, workdir: str, kill_after: float | None = None, prefix=("-m", "kd_jax.main")):
-    """`(returncode, stderr, phase)`; phase is where a kill landed (None: not killed)."""
+  def run(self, workdir: str, kill_at: tuple[int, float] | None = None, points: int = 0,
+          prefix=("-m", "kd_jax.main")):
+    """`(returncode, stderr, phase)`. `kill_at=(lines, seconds)`: SIGKILL the run `seconds`
+    after the workdir's metrics files hold `lines` lines; phase is where the kill landed
+    (None: the run ended first); `points` is how many lines a whole run logs."""
     left_by_earlier_kills = _partial_checkpoints(workdir)
     proc = self.start(workdir, prefix)
-    try:
-      _, err = proc.communicate(timeout=kill_after or self.timeout)
-      return proc.returncode, err, None
-    except subprocess.TimeoutExpired:
-      if kill_after is None:
-        raise
-      phase = _phase(workdir, left_by_earlier_kills)
-      proc.send_signal(signal.SIGKILL)
-      _, err = proc.communicate()
-      return proc.returncode, err, phase
+    if kill_at is not None:
+      lines, seconds = kill_at
+      while proc.poll() is None and _logged(workdir) < lines:
+        time.sleep(0.02)
+      deadline = time.monotonic() + seconds
+      while proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+      if proc.poll() is None:
+        phase = _phase(workdir, left_by_earlier_kills, points)
+        proc.send_signal(signal.SIGKILL)
+        err = proc.communicate()[1]
+        return proc.returncode, err, phase if proc.returncode == -signal.SIGKILL else None
+    _, err = proc.communicate(timeout=self.timeout)
+    return proc.returncode, err, None
 
   def results(self, workdir: str) -> bytes | None:
     path = os.path.join(workdir, "results.json")
@@ -109,8 +120,17 @@ class Runner:
     return f"clear error: {_short(last.removeprefix('error: '))}"
 
 
-def _short(text: str, limit: int = 220) -> str:
+def _short(text: str, limit: int = 300) -> str:
   return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _logged(workdir: str) -> int:
+  """Lines in the workdir's metrics files: how far the job has come."""
+  total = 0
+  for path in glob.glob(os.path.join(workdir, "*", "metrics.jsonl")):
+    with open(path) as f:
+      total += sum(1 for _ in f)
+  return total
 
 
 def _partial_checkpoints(workdir: str) -> set[str]:
@@ -118,10 +138,13 @@ def _partial_checkpoints(workdir: str) -> set[str]:
   return set(glob.glob(os.path.join(workdir, "*", "checkpoints", "*.orbax-checkpoint-tmp*")))
 
 
-def _phase(workdir: str, left_by_earlier_kills: set[str]) -> str:
-  """Where a run is: a checkpoint being written, else its last stage and logged step."""
+def _phase(workdir: str, left_by_earlier_kills: set[str], points: int) -> str:
+  """Where a run is: a checkpoint being written, past the last logged line, or its last stage
+  and logged step."""
   if _partial_checkpoints(workdir) - left_by_earlier_kills:
     return "checkpoint write"
+  if _logged(workdir) >= points:
+    return "after the last metric line (final checkpoint, evaluation or results)"
   logs = sorted(glob.glob(os.path.join(workdir, "*", "metrics.jsonl")), key=os.path.getmtime)
   if not logs:
     return "start-up"
@@ -134,15 +157,21 @@ def _phase(workdir: str, left_by_earlier_kills: set[str]) -> str:
     return stage
 
 
-def kills(runner: Runner, scratch: str, count: int, seconds: float, rng: random.Random):
-  print(f"2) {count} SIGKILLs at random times in (0.5, {seconds:.0f}) s, each followed by a rerun")
+def kills(runner: Runner, scratch: str, count: int, per_round: int, seconds: float,
+          rng: random.Random, reference: str):
+  points = _logged(reference)
+  gap = seconds / (points + 1)
+  print(f"2) {count} SIGKILLs, up to {per_round} in a row on each fresh workdir, then a run to the "
+        f"end. Each lands a random 0-{gap:.1f} s after a random one of the {points} metric lines "
+        "the job logs (the round's draws in order)")
   landed, rounds, identical, failures = [], 0, 0, []
   while len(landed) < count:
     rounds += 1
     workdir = os.path.join(scratch, f"killed{rounds}")
+    targets = sorted(rng.randint(0, points) for _ in range(min(per_round, count - len(landed))))
     while True:
-      kill_after = rng.uniform(0.5, seconds) if len(landed) < count else None
-      returncode, stderr, phase = runner.run(workdir, kill_after)
+      kill_at = (max(targets.pop(0), _logged(workdir)), rng.uniform(0, gap)) if targets else None
+      returncode, stderr, phase = runner.run(workdir, kill_at, points)
       if phase is not None:
         landed.append(phase)
         print(f"   kill {len(landed):2d} (round {rounds}): {phase}", flush=True)
@@ -238,8 +267,8 @@ def disk_full(runner: Runner, scratch: str, size_kib: int) -> None:
       print(f"5) disk full: a {size_kib} KiB tmpfs")
       returncode, stderr, _ = runner.run(workdir)
     else:
-      print("5) disk full: no tmpfs (mount refused); writes under the workdir raise ENOSPC once "
-            "the second stage starts")
+      print("5) disk full: no tmpfs (mount refused); files opened for writing under the workdir "
+            "raise ENOSPC once a checkpoint exists")
       returncode, stderr, _ = runner.run(workdir, prefix=("-c", _ENOSPC_CHILD, workdir))
     print(f"   the full run: {runner.outcome(workdir, returncode, stderr)}")
     roomy = os.path.join(scratch, "after_disk_full")
@@ -256,6 +285,8 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--config", default="configs/digits_kd.py:runlocal")
   parser.add_argument("--kills", type=int, default=20)
+  parser.add_argument("--kills_per_round", type=int, default=5,
+                      help="kills in a row before a run may finish (then a fresh workdir)")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--timeout", type=float, default=600, help="seconds per run")
   parser.add_argument("--tmpfs_kib", type=int, default=1200, help="size of the disk-full tmpfs")
@@ -276,7 +307,8 @@ def main():
     runner.reference = runner.results(reference)
     print(f"1) reference run: {seconds:.1f} s (warm compilation cache), results.json "
           f"{len(runner.reference)} bytes", flush=True)
-    kills(runner, scratch, flags.kills, seconds, random.Random(flags.seed))
+    kills(runner, scratch, flags.kills, flags.kills_per_round, seconds, random.Random(flags.seed),
+          reference)
     damage(runner, reference, scratch)
     concurrent(runner, scratch)
     disk_full(runner, scratch, flags.tmpfs_kib)

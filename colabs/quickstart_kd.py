@@ -67,8 +67,9 @@ DATA_DIR = os.environ.get("KD_JAX_COLAB_DATA_DIR", "")  # "" = TFDS default, ~/t
 # ## The config
 # `configs/digits_kd.py` holds the recipe (SGD with momentum, cosine decay, ±1-pixel random shifts);
 # its docstring says how the KD hyperparameters were chosen on a validation split. The KD student
-# minimises (1 − α)·CE(student, labels) + α·T²·KL(teacher_T ‖ student_T), with α = `distill.alpha`
-# and T = `distill.hparams.temperature` (printed below). The same file runs from the command line:
+# minimises the weighted sum of the terms in `distill.terms` (printed below): 0.1·CE(student, labels)
+# + 0.9·T²·KL(teacher_T ‖ student_T) with T = 4. Each term names a loss (`"ce"` is the task loss),
+# its `weight` and its `hparams`. The same file runs from the command line:
 # `python -m kd_jax.main --config=configs/digits_kd.py --workdir=/tmp/kd_digits`.
 #
 # Configs are locked, so a typo in a field name fails loudly; edit them inside `config.unlocked()`.
@@ -100,9 +101,10 @@ print(kd_job.format_table(rows))
 # %% [markdown]
 # ## Learning curves
 # `train/loss` is the objective each stage minimised, which differs between stages (the KD student's
-# includes the distillation term), so the curves below use `task/ce`, the cross-entropy with the true
-# labels, which every stage logs. The KD student fits the teacher's softened outputs as well as the
-# labels, so its training CE need not fall as low as the baseline's.
+# includes the distillation term), so the curves below use `terms/ce`, the cross-entropy with the true
+# labels, which every stage logs (each term is logged as `terms/<loss>`). The KD student fits the
+# teacher's softened outputs as well as the labels, so its training CE need not fall as low as the
+# baseline's.
 
 # %%
 import matplotlib.pyplot as plt
@@ -112,9 +114,9 @@ fig, (ax_ce, ax_acc) = plt.subplots(1, 2, figsize=(11, 3.5))
 for stage in STAGES:
   records = metrics.read_jsonl(os.path.join(WORKDIR, stage, "metrics.jsonl"))
   steps = [r["step"] for r in records]
-  ax_ce.plot(steps, [r["task/ce"] for r in records], label=stage)
+  ax_ce.plot(steps, [r["terms/ce"] for r in records], label=stage)
   ax_acc.plot(steps, [r["train/accuracy"] for r in records], label=stage)
-ax_ce.set(xlabel="step", ylabel="train cross-entropy (task/ce)", yscale="log")
+ax_ce.set(xlabel="step", ylabel="train cross-entropy (terms/ce)", yscale="log")
 ax_acc.set(xlabel="step", ylabel="train accuracy (augmented batches)")
 ax_acc.legend()
 plt.tight_layout()
@@ -122,12 +124,14 @@ plt.show()
 
 # %% [markdown]
 # ## Changing the loss: Decoupled KD
-# Any name in `kd_jax.losses.list_losses()` can replace `"kd"`. The hyperparameters go in
-# `distill.hparams` under the loss function's keyword names. DKD (Zhao et al., CVPR 2022,
-# [arXiv:2203.08679](https://arxiv.org/abs/2203.08679)) splits KD into a target-class term (weight
-# `alpha`) and a non-target term (weight `beta`); `distill.alpha` still mixes CE and the
-# distillation term. The values below are mdistiller's CIFAR-100 defaults, not tuned for digits:
-# compare losses on the validation split (`digits_kd.get_config("validate")`) before trusting one.
+# Any name in `kd_jax.losses.list_losses()` can be a term. A term's hyperparameters go in its
+# `hparams` under the loss function's keyword names. DKD (Zhao et al., CVPR 2022,
+# [arXiv:2203.08679](https://arxiv.org/abs/2203.08679)) splits KD into a target-class part (weight
+# `alpha`) and a non-target part (weight `beta`). Its recipe is CE + DKD, with DKD's weight ramped
+# up linearly from 0 over the first 1/12 of training (`warmup_steps`; mdistiller: 20 of 240 epochs);
+# `digits_kd.get_config("terms=dkd")` builds the same terms. The values below are mdistiller's
+# CIFAR-100 defaults, not tuned for digits: compare losses on the validation split
+# (`digits_kd.get_config("validate")`) before trusting one.
 #
 # The teacher is already trained, so this run restores it from its checkpoint
 # (`teacher.checkpoint`) and skips the baseline (`student.baseline=False`). Only the DKD student
@@ -139,17 +143,20 @@ spec = losses.get_loss("dkd")
 print(spec.inputs, "|", spec.paper)
 
 # %%
-import ml_collections
+from configs import common
 
+num_steps = EPOCHS * (1300 // config.data.batch_size)  # the digits train split has 1,300 images
 dkd_config = config.copy_and_resolve_references()  # same data, seed and epochs as above
 with dkd_config.unlocked():
   dkd_config.update_from_flattened_dict({
       "teacher.checkpoint": os.path.join(WORKDIR, "teacher", "checkpoints"),
       "student.baseline": False,
-      "distill.loss": "dkd",
   })
-  dkd_config.distill.hparams = ml_collections.ConfigDict(
-      {"alpha": 1.0, "beta": 8.0, "temperature": 4.0})
+  dkd_config.distill.terms = (
+      common.term("ce", weight=1.0),
+      common.term("dkd", weight=1.0, warmup_steps=max(num_steps // 12, 1),
+                  hparams={"alpha": 1.0, "beta": 8.0, "temperature": 4.0}))
+print(dkd_config.distill)
 
 dkd_rows = kd_job.run(dkd_config, WORKDIR + "_dkd")
 rows_all = rows + [{**dkd_rows[-1], "stage": "student_dkd"}]
@@ -201,4 +208,5 @@ print("gradient of the padded example:", grads[-1])  # all zeros
 # %% [markdown]
 # ## Next steps
 # - Other configs live in `configs/`; each file's docstring holds its command line.
-# - `kd_jax.train_step.make_train_step` builds the jittable step used here, for your own loop.
+# - `kd_jax.distiller.Distiller` turns a list of `Term`s into the method trained here, and
+#   `kd_jax.step.make_train_step` turns it into the jittable step, for your own loop.

@@ -239,10 +239,12 @@ class _USKDHead(nn.Module):
 
 class _DiscriminatorHead(nn.Module):
   reduction: int
+  final_relu: bool
 
   @nn.compact
   def __call__(self, student, teacher, *, train: bool):
-    discriminator = losses.MealV2Discriminator(self.reduction, name="discriminator")
+    discriminator = losses.MealV2Discriminator(self.reduction, self.final_relu,
+                                               name="discriminator")
     teacher_logits = teacher[0]
     if teacher_logits.ndim > student[0].ndim:  # several teachers: their mean logits
       teacher_logits = jnp.mean(teacher_logits, axis=0)
@@ -257,7 +259,7 @@ OPTIONS = {
     "crd": {"embed_dim": 128, "num_negatives": 4096},
     "ft": {"rate": 0.5, "paraphraser_steps": 100},
     "reviewkd_hcl": {"mid_channels": 0},      # 0: the smallest teacher width
-    "meal_v2_discriminator": {"reduction": 2, "adversarial": False},
+    "meal_v2_discriminator": {"reduction": 2, "final_relu": True, "adversarial": False},
 }
 
 
@@ -327,7 +329,7 @@ class _Compiled:
     if loss == "uskd":
       return _USKDHead(student[0].shape[-1])
     if loss == "meal_v2_discriminator":
-      return _DiscriminatorHead(o["reduction"])
+      return _DiscriminatorHead(o["reduction"], o["final_relu"])
     if len(student) != len(teacher):
       raise ValueError(f"{self.where}: {len(student)} student taps but {len(teacher)} teacher "
                        "taps; give one teacher tap per student tap")

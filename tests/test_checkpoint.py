@@ -69,7 +69,8 @@ def test_metadata_mismatch_lists_every_differing_key(tmp_path):
 
 def test_restore_variables_checks_class_count_and_shapes(tmp_path):
   ckpt = checkpoint.Checkpointer(str(tmp_path / "ck"), META)
-  ckpt.save(5, {"params": {"w": jnp.full((3, 2), 2.0)}, "model_state": {"batch_stats": {"m": jnp.ones(2)}}})
+  ckpt.save(5, {"trainable": {"student": {"w": jnp.full((3, 2), 2.0)}},  # a step.TrainState's layout
+                "extra": {"model_state": {"student": {"batch_stats": {"m": jnp.ones(2)}}}}})
   ckpt.close()
   target = {"params": {"w": jnp.zeros((3, 2))}, "batch_stats": {"m": jnp.zeros(2)}}
   variables = checkpoint.restore_variables(str(tmp_path / "ck"), META, target)

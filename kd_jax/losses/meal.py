@@ -21,10 +21,12 @@ from kd_jax.losses.registry import register
 class MealV2Discriminator(nn.Module):
   """Three dense layers C → C/K → C/K² → 2, each followed by ReLU (the reference's 1×1 convs).
 
-  The final ReLU is the reference's: the two scores are non-negative before the BCE.
+  The final ReLU is the reference's: the two scores are non-negative before the BCE. When it
+  is inactive for every example the discriminator gets no gradient; `final_relu=False` drops it.
 
   Attributes:
     reduction: K, the width divisor per layer (MEAL V2 trains with K=8 on 1000 classes).
+    final_relu: keep the reference's ReLU on the two scores.
 
   >>> d = MealV2Discriminator()
   >>> params = d.init(jax.random.key(0), jnp.zeros((1, 128)))
@@ -32,6 +34,7 @@ class MealV2Discriminator(nn.Module):
   (4, 2)
   """
   reduction: int = 8
+  final_relu: bool = True
 
   @nn.compact
   def __call__(self, logits: jax.Array) -> jax.Array:
@@ -42,7 +45,8 @@ class MealV2Discriminator(nn.Module):
     x = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
     x = nn.relu(nn.Dense(width // self.reduction)(x))
     x = nn.relu(nn.Dense(width // self.reduction**2)(x))
-    return nn.relu(nn.Dense(2)(x))
+    scores = nn.Dense(2)(x)
+    return nn.relu(scores) if self.final_relu else scores
 
 
 def meal_v2_discriminator_loss(student_scores: jax.Array, teacher_scores: jax.Array) -> jax.Array:
