@@ -92,12 +92,12 @@ def train(stage: Stage, workdir: str, train_batches: Callable[[int], Iterator[di
   mesh = sharding.make_mesh(options.mesh_axes)
   step_fn, state = sharding.shard_train_step(step_lib.make_train_step(stage.method, tx), state,
                                              mesh, options.mesh_rules)
-  if ckpt.latest_step() is not None:
-    state = ckpt.restore(state)  # into the shardings just placed
+  restored, _ = ckpt.restore_latest(state)  # into the shardings just placed; skips corrupt steps
+  state = state if restored is None else restored
   start = int(state.step)
   rng = jax.random.PRNGKey(options.seed)
   writer = metrics.MetricWriter(stage_dir, tensorboard=options.tensorboard,
-                                enabled=jax.process_index() == 0)
+                                enabled=jax.process_index() == 0, start_step=start)
   pending = metrics.PendingMetrics()
   bar = metrics.progress_bar(stage.num_steps, start, stage.name)
   last_saved = start if start else None

@@ -159,7 +159,8 @@ def distill(trajectories: np.ndarray, apply_fn, unravel: Callable, synthetic: Sy
     ckpt = checkpoint.Checkpointer(os.path.join(recording.directory, "checkpoints"),
                                    recording.metadata, keep=recording.keep_checkpoints)
     stack.callback(ckpt.close)
-    restored = ckpt.restore(initial) if ckpt.latest_step() is not None else initial
+    restored, _ = ckpt.restore_latest(initial)  # skips (and moves aside) corrupt steps
+    restored = initial if restored is None else restored
     start, values, opt_states = (int(restored["iteration"]), restored["values"],
                                  restored["opt_states"])
     writer = metrics.MetricWriter(recording.directory, tensorboard=recording.tensorboard,
