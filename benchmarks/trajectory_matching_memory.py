@@ -1,4 +1,4 @@
-"""Memory and time of trajectory matching: exact two-pass vs unrolled autodiff (DESIGN.md §4).
+"""Memory and time of trajectory matching: exact two-pass vs unrolled autodiff (docs/design.md, "Dataset distillation").
 
     PYTHONPATH=. python benchmarks/trajectory_matching_memory.py
     PYTHONPATH=. python benchmarks/trajectory_matching_memory.py --ns=5,10 --max_unrolled_n=10 --time_max_n=10

@@ -4,7 +4,7 @@
     python -m kd_jax.main --config=configs/cifar100_kd.py:teacher=resnet32x4,student=resnet8x4 \
         --workdir=/tmp/c100_resnet8x4 --config.data.data_dir=$DATA
 
-Pairs benchmarked in the literature (REFERENCES.md; published top-1 KD / DKD, not our runs):
+Pairs benchmarked in the literature (published top-1 KD / DKD from Zhao et al., CVPR 2022, Table 1; not our runs):
 resnet32x4→resnet8x4 (73.33 / 76.32), wrn_40_2→wrn_16_2 (74.92 / 76.23), resnet56→resnet20
 (70.66 / 71.97), vgg13→vgg8 (72.98 / 74.68), resnet32x4→shufflenetv2.
 Recipe: 240 epochs, SGD lr 0.05 (0.01 for MobileNet/ShuffleNet students), ×0.1 at epochs

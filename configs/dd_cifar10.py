@@ -8,11 +8,11 @@ learned soft labels, images from correctly classified samples, N = 80, difficult
 windows, skip threshold 1.0); `tesla` (TESLA's approximate gradient and soft labels from the
 target expert); `runlocal` (tiny, for CI); `data_dir=DIR`; `experts=DIR`; `seed=N`.
 
-MTT settings (N / M / max_start / lr_img / lr_lr / α₀, ZCA) from REFERENCES.md:
+MTT settings (N / M / max_start / lr_img / lr_lr / α₀, ZCA) from the MTT paper (Cazenavette et al., CVPR 2022):
   IPC 1: 50/2/2/100/1e-7/0.01 ZCA; IPC 10: 30/2/20/100/1e-5/0.001 ZCA;
   IPC 50: 30/2/40/1000/1e-5/0.001, no ZCA. Experts: 100 × 50 epochs of SGD 0.01, batch 256, DSA.
 Published ConvNet-3 accuracy (mean ± std of 5): MTT 46.3 / 65.3 / 71.6, TESLA 48.5 / 66.4 / 72.6,
-DATM 46.9 / 66.8 / 76.1; full data 84.8. DATM's values not in REFERENCES.md (lr_y 2, momentum
+DATM 46.9 / 66.8 / 76.1; full data 84.8. DATM's values not in its paper's table (lr_y 2, momentum
 0.9, expansion end 3000, threshold 1.0) are DATM's released defaults as we read them.
 """
 from configs import common
@@ -24,7 +24,7 @@ MTT = {1: dict(syn_steps=50, expert_epochs=2, max_start_epoch=2, lr_img=100.0, l
                 lr_init=0.001, zca=True),
        50: dict(syn_steps=30, expert_epochs=2, max_start_epoch=40, lr_img=1000.0, lr_lr=1e-5,
                 lr_init=0.001, zca=False)}
-# DATM CIFAR-10 start windows (min, initial max, max) by IPC (REFERENCES.md).
+# DATM CIFAR-10 start windows (min, initial max, max) by IPC (Guo et al., ICLR 2024).
 DATM_WINDOWS = {1: (0, 4, 4), 10: (0, 10, 20), 50: (0, 20, 40)}
 
 

@@ -5,12 +5,12 @@
 
 Args as configs/dd_cifar10.py (`ipc1|ipc10|ipc50`, `datm`, `tesla`, `runlocal`, `data_dir=`,
 `experts=`, `seed=`).
-MTT IPC 50 from REFERENCES.md: N 80, M 2, max_start 40, lr_img 1000, lr_lr 1e-5, α₀ 0.01,
+MTT IPC 50 from the MTT paper (Cazenavette et al., CVPR 2022): N 80, M 2, max_start 40, lr_img 1000, lr_lr 1e-5, α₀ 0.01,
 batch_syn 125, ZCA (exact mode: about 1.5 GiB for the per-step functions, see
 benchmarks/RESULTS.md). IPC 1 (20/3/20/1000/1e-5/0.01, ZCA) and IPC 10 (20/2/20/1000/1e-5/0.01,
-ZCA) are MTT's README values as we read them, not in REFERENCES.md.
+ZCA) are MTT's README values as we read them, not in its paper's table.
 Published ConvNet-3 accuracy: MTT 24.3 / 40.1 / 47.7, DATM 27.9 / 47.2 / 55.0; full data 56.2.
-`datm` uses DATM's CIFAR-10 windows (REFERENCES.md has no CIFAR-100 table; check DATM's
+`datm` uses DATM's CIFAR-10 windows (we have no CIFAR-100 windows of DATM's; check DATM's
 yaml files before relying on these).
 """
 from configs.dd_cifar10 import DATM_WINDOWS, build

@@ -483,6 +483,8 @@ class Distiller:
   state}`.
   """
 
+  evolving_frozen = ()  # the teachers never change
+
   def __init__(self, student: Callable, terms: Sequence[Term],
                teachers: Mapping[str, Callable] | None = None, *, num_data: int | None = None):
     if not terms:

@@ -1,4 +1,4 @@
-"""Device mesh, parameter/batch shardings and multi-host start-up (DESIGN.md §5).
+"""Device mesh, parameter/batch shardings and multi-host start-up (docs/design.md, "Sharding").
 
 Everything runs under plain `jax.jit` with `NamedSharding`s; there is no pmap.
 

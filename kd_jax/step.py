@@ -56,7 +56,10 @@ class Method(Protocol):
   differentiated with respect to `trainable` only.
   `after_update(old_state, new_state) -> new_state` runs after the optimizer update (EMA
   teachers, freezing a pre-trained part).
+  `evolving_frozen` names the frozen networks that `after_update` changes: checkpoints hold
+  those, not the fixed teachers (`kd_jax.trainer.checkpointed`).
   """
+  evolving_frozen: tuple[str, ...] = ()
 
   def init(self, rng: jax.Array, variables: dict, batch: Batch) -> tuple[PyTree, PyTree, PyTree]:
     ...

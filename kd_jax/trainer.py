@@ -92,8 +92,10 @@ def train(stage: Stage, workdir: str, train_batches: Callable[[int], Iterator[di
   mesh = sharding.make_mesh(options.mesh_axes)
   step_fn, state = sharding.shard_train_step(step_lib.make_train_step(stage.method, tx), state,
                                              mesh, options.mesh_rules)
-  restored, _ = ckpt.restore_latest(state)  # into the shardings just placed; skips corrupt steps
-  state = state if restored is None else restored
+  # Into the shardings just placed; corrupt steps are skipped and moved aside.
+  restored, _ = ckpt.restore_latest(checkpointed(state, stage.method))
+  if restored is not None:
+    state = restored.replace(frozen={**state.frozen, **restored.frozen})
   start = int(state.step)
   rng = jax.random.PRNGKey(options.seed)
   writer = metrics.MetricWriter(stage_dir, tensorboard=options.tensorboard,
@@ -122,7 +124,7 @@ def train(stage: Stage, workdir: str, train_batches: Callable[[int], Iterator[di
         writer.write(done, means)
         bar.set_postfix(loss=f"{means['train/loss']:.4f}", refresh=False)
       if at_ckpt:
-        ckpt.save(done, state)
+        ckpt.save(done, checkpointed(state, stage.method))
         last_saved = done
       bar.update(1)
   finally:
@@ -151,6 +153,14 @@ def check_stage(stage: Stage, train_batches: Callable[[int], Iterator[dict]], se
   batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), next(train_batches(0)))
   jax.eval_shape(step_lib.make_train_step(stage.method, tx), state, batch,
                  jax.random.PRNGKey(seed))
+
+
+def checkpointed(state: step_lib.TrainState, method) -> step_lib.TrainState:
+  """The part of `state` a checkpoint holds: everything but the frozen networks that never
+  change (teachers come from their own stage or checkpoint); frozen networks the method updates
+  (`method.evolving_frozen`, e.g. an EMA teacher) are kept."""
+  evolving = getattr(method, "evolving_frozen", ())
+  return state.replace(frozen={k: v for k, v in state.frozen.items() if k in evolving})
 
 
 def student_variables(state: step_lib.TrainState) -> dict:

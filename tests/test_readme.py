@@ -25,3 +25,16 @@ def test_quick_start_commands_come_first_and_ci_runs_command_b():
   assert commands[0].startswith("pip install -e . && python -m kd_jax.main --config=configs/digits_kd.py")
   assert commands[1] == 'pip install -e ".[test]" && python -m pytest -n 2 -q'
   assert commands[1] in open(os.path.join(ROOT, ".ci", "run")).read()
+
+
+def test_readme_term_configs_are_valid_terms():
+  """Every `--config.distill.terms="..."` in the README parses into terms a Distiller accepts."""
+  import ast  # pylint: disable=g-import-not-at-top
+  from kd_jax.distiller import Distiller, Term  # pylint: disable=g-import-not-at-top
+  joined = README.replace("\\\n", "")
+  literals = re.findall(r'--config\.distill\.terms="(\(.+?\))"', joined)
+  assert len(literals) >= 2
+  for literal in literals:
+    terms = [Term.from_config(t, f"README terms[{i}]")
+             for i, t in enumerate(ast.literal_eval(literal))]
+    Distiller(None, terms, {"teacher": None}, num_data=1)

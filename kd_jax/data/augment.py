@@ -27,7 +27,7 @@ class AugmentConfig:
       raise ValueError(f"AugmentConfig.crop_padding must be an integer >= 0, got {self.crop_padding!r}.")
 
 
-# Usual training augmentation of each dataset (DESIGN.md section 9: ±1-pixel shifts matter on digits).
+# Usual training augmentation of each dataset (±1-pixel shifts on digits).
 AUGMENT_PRESETS = {
     "digits": AugmentConfig(crop_padding=1, flip=False),
     "cifar10": AugmentConfig(crop_padding=4, flip=True),

@@ -8,7 +8,7 @@ its upper end widens linearly over distillation iterations:
                   max_start)
 
 Updates are skipped when the matching loss exceeds `threshold` (DATM's guard against
-mismatched trajectories). Windows below are DATM's for CIFAR-10 (REFERENCES.md).
+mismatched trajectories). Windows below are DATM's for CIFAR-10 (Guo et al., ICLR 2024).
 """
 import dataclasses
 

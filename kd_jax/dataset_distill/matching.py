@@ -6,7 +6,7 @@ is no second SGD). The matching loss is
 
   L = ‖θ_N − θ*_{t+M}‖² / ‖θ*_t − θ*_{t+M}‖².
 
-Gradient modes (DESIGN.md §4):
+Gradient modes (docs/design.md, "Dataset distillation"):
   "exact"    two passes. The forward stores θ_0..θ_N (N·P floats, no activations); the backward
              recomputes one step at θ_i with cotangent λ_{i+1}, giving λ_i = (I − α H_i) λ_{i+1}
              and accumulating ∂L/∂X, ∂L/∂Y, ∂L/∂α (`TrajectoryMatcher._vjp_step`). Identical to

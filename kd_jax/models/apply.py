@@ -1,4 +1,4 @@
-"""Adapts a Flax linen module to kd_jax's apply-function contract (DESIGN.md §2)."""
+"""Adapts a Flax linen module to kd_jax's apply-function contract (docs/design.md, "Models")."""
 from typing import Any
 
 import flax.linen as nn

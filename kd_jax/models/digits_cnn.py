@@ -1,4 +1,4 @@
-"""The two small CNNs of the default 8×8 digits job (DESIGN.md §9).
+"""The two small CNNs of the default 8×8 digits job.
 
 conv3×3-ReLU layers, each optionally followed by a 2×2 max pool, then a linear head on
 the flattened last map; no normalisation, so no model state.

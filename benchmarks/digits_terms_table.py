@@ -1,0 +1,91 @@
+"""Digits test accuracy of KD students trained with different distillation terms, 3 seeds.
+
+    python benchmarks/digits_terms_table.py --workdir=/tmp/digits_terms
+
+Every row is a command-line run of the KD job (`python -m kd_jax.main`):
+`--config=configs/digits_kd.py:pair=PAIR,terms=ROW,seed=S`, the terms built by
+`configs/digits_kd.py` (CE plus each named loss with its taps and weight). Per seed the first
+run trains the teacher and the label-only baseline; the other rows restore that teacher
+(`--config.teacher.checkpoint`) and train only their student.
+
+`--select` first compares the students of the `mlp` and `cnn` pairs on the validation split
+(train[:1000] / train[1000:], the `validate` config), baseline and KD, so that the student of
+the table is chosen without the test set: the pair whose KD student scores higher on validation.
+"""
+import json
+import os
+import subprocess
+import sys
+
+from absl import app, flags
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import results_log  # noqa: E402  (benchmarks/, the script's folder)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_WORKDIR = flags.DEFINE_string("workdir", "/tmp/digits_terms", "Where runs are written.")
+_SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds.")
+_PAIR = flags.DEFINE_string("pair", "", "Teacher → student pair; empty: chosen by --select.")
+_SELECT = flags.DEFINE_list("select", ["mlp", "cnn"], "Pairs compared on validation.")
+_ROWS = flags.DEFINE_list(
+    "rows", ["kd", "dkd", "fitnet+kd", "at+kd", "sp+kd", "rkd+kd", "crd+kd", "vid+kd",
+             "reviewkd_hcl+kd"], "Term sets, one row each (the baseline row comes first).")
+
+
+def _run(workdir: str, arg: str, *overrides: str) -> list[dict]:
+  """One `python -m kd_jax.main` run; returns its results.json rows."""
+  command = [sys.executable, "-m", "kd_jax.main", f"--config=configs/digits_kd.py:{arg}",
+             f"--workdir={workdir}", *overrides]
+  print("$", " ".join(command[1:]), flush=True)
+  subprocess.run(command, cwd=ROOT, check=True, stdout=subprocess.DEVNULL,
+                 env={**os.environ, "CI": "true"})
+  with open(os.path.join(workdir, "results.json")) as f:
+    return json.load(f)
+
+
+def _accuracies(pair: str, rows: list[str], split_arg: str) -> dict[str, list[float]]:
+  acc = {}
+  for seed in map(int, _SEEDS.value):
+    base = os.path.join(_WORKDIR.value, f"{pair}{split_arg.replace(',', '_')}", f"seed{seed}")
+    first = _run(os.path.join(base, rows[0]), f"pair={pair},terms={rows[0]},seed={seed}{split_arg}")
+    by_stage = {r["stage"]: r["accuracy"] for r in first}
+    acc.setdefault("teacher", []).append(by_stage["teacher"])
+    acc.setdefault("baseline (CE only)", []).append(by_stage["student_baseline"])
+    acc.setdefault(rows[0], []).append(by_stage["student_kd"])
+    teacher = os.path.join(base, rows[0], "teacher", "checkpoints")
+    for row in rows[1:]:
+      result = _run(os.path.join(base, row), f"pair={pair},terms={row},seed={seed}{split_arg}",
+                    f"--config.teacher.checkpoint={teacher}", "--config.student.baseline=False")
+      acc.setdefault(row, []).append(result[-1]["accuracy"])
+  return acc
+
+
+def _table(acc: dict[str, list[float]]) -> str:
+  lines = ["| terms | " + " | ".join(f"seed {s}" for s in _SEEDS.value) + " | mean ± std |",
+           "|---|" + "---|" * (len(_SEEDS.value) + 1)]
+  for row, values in acc.items():
+    v = 100 * np.asarray(values)
+    lines.append(f"| {row} | " + " | ".join(f"{x:.2f}" for x in v) +
+                 f" | {v.mean():.2f} ± {v.std():.2f} |")
+  return "\n".join(lines)
+
+
+def main(_):
+  pair = _PAIR.value
+  if not pair:
+    scores = {}
+    for candidate in _SELECT.value:
+      acc = _accuracies(candidate, ["kd"], ",validate")
+      print(f"\nvalidation (train[1000:]), pair={candidate}:\n{_table(acc)}\n", flush=True)
+      scores[candidate] = float(np.mean(acc["kd"]))
+    pair = max(scores, key=scores.get)
+    print(f"chosen on validation: pair={pair} (KD student validation accuracy "
+          f"{ {k: round(100 * v, 2) for k, v in scores.items()} })\n", flush=True)
+  acc = _accuracies(pair, _ROWS.value, "")
+  print(f"test accuracy (497 test images), pair={pair}, seeds {_SEEDS.value}:\n{_table(acc)}")
+
+
+if __name__ == "__main__":
+  with results_log.recorded("Digits KD with distillation terms (test accuracy, 3 seeds)"):
+    app.run(main)
