@@ -342,7 +342,9 @@ class _Compiled:
     kind = self.term.adapter
     if kind != "auto":
       return kind
-    if student.shape == teacher.shape or self.term.loss in WIDTH_FREE:
+    # Several teachers are stacked on a leading axis: compare one teacher's shape.
+    teacher_shape = teacher.shape[1:] if len(self.teacher_names) > 1 else teacher.shape
+    if student.shape == teacher_shape or self.term.loss in WIDTH_FREE:
       return "none"
     return DEFAULT_ADAPTERS.get(self.term.loss, "linear")
 

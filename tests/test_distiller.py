@@ -205,6 +205,22 @@ def test_adversarial_discriminator_climbs_the_loss_the_student_descends(digits_b
     assert (total > 0) if adversarial else (total < 0)
 
 
+def test_stacked_teachers_need_no_adapter_and_average_in_probability_space(digits_batches):
+  batches, _ = digits_batches
+  (t_apply, t_vars), (s_apply, s_vars) = _pair("mlp")
+  distiller = Distiller(s_apply, [Term("meal_v2", teacher_name=("a", "b"))],
+                        {"a": t_apply, "b": t_apply})
+  other = jax.tree.map(lambda x: -x, t_vars)
+  trainable, frozen, extra = distiller.init(
+      jax.random.key(0), {"student": s_vars, "a": t_vars, "b": other}, batches[0])
+  assert set(trainable) == {"student"}  # no adapter on the logits
+  _, (metrics, _) = distiller.loss(trainable, frozen, extra, batches[0], 0, jax.random.key(0))
+  s, _ = s_apply(s_vars, batches[0]["image"], train=True)
+  t = jnp.stack([t_apply(v, batches[0]["image"], train=False)[0].logits for v in (t_vars, other)])
+  np.testing.assert_allclose(metrics["terms/meal_v2"], losses.meal_v2(s.logits, t).mean(),
+                             rtol=1e-6)
+
+
 def test_two_views_feed_their_terms(digits_batches):
   batches, _ = digits_batches
   (t_apply, t_vars), (s_apply, s_vars) = _pair("mlp")
