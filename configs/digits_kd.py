@@ -25,7 +25,9 @@ Args (comma-separated after `:`): `runlocal` (a few steps, for CI), `validate` (
 train[1000:] and train on train[:1000]), `seed=N`, `pair=mlp|cnn|vit` (the teacher → student
 pair: CNN → MLP(64), the default; CNN 32/64 → CNN 16/32; ViT → smaller ViT), and
 `terms=A+B+...` (the KD student's terms: CE plus each named loss with the taps and weight of
-`TERMS` below, e.g. `terms=fitnet+kd` or `terms=dkd`; any registered loss name works):
+`TERMS` below, e.g. `terms=fitnet+kd` or `terms=dkd`; any registered loss name works), and
+`scale=S` (multiplies the weights of those terms other than KD; chosen on validation by
+`benchmarks/digits_terms_table.py`):
 
     python -m kd_jax.main --config=configs/digits_kd.py:pair=cnn,terms=fitnet+kd --workdir=/tmp/fitnet
 
@@ -89,12 +91,15 @@ PAIRS = {
 }
 
 
-def terms_from_names(names: str, total_steps: int) -> tuple:
-  """`"fitnet+kd"` → (CE, FitNet, KD) terms; CE weighs 0.1 when KD is among them, else 1."""
+def terms_from_names(names: str, total_steps: int, scale: float = 1.0) -> tuple:
+  """`"fitnet+kd"` → (CE, FitNet, KD) terms; CE weighs 0.1 when KD is among them, else 1.
+  `scale` multiplies the weights of the terms other than CE and KD (tuned on validation)."""
   names = [n for n in names.split("+") if n]
   terms = [common.term("ce", weight=0.1 if "kd" in names else 1.0)]
   for name in names:
-    fields = dict(TERMS.get(name, {}))
+    fields = dict(TERMS.get(name, {"weight": 1.0}))
+    if name != "kd":
+      fields["weight"] = fields["weight"] * scale
     if name == "dkd":
       fields["warmup_steps"] = max(total_steps // 12, 1)
     terms.append(common.term(name, **fields))
@@ -102,7 +107,8 @@ def terms_from_names(names: str, total_steps: int) -> tuple:
 
 
 def get_config(arg=None):
-  args = common.parse_arg(arg, runlocal=False, validate=False, seed=0, pair="mlp", terms="")
+  args = common.parse_arg(arg, runlocal=False, validate=False, seed=0, pair="mlp", terms="",
+                          scale=1.0)
   if args.pair not in PAIRS:
     raise ValueError(f"pair={args.pair!r} is unknown; valid: {', '.join(PAIRS)}")
   c = common.kd_config()
@@ -129,6 +135,7 @@ def get_config(arg=None):
     c.log.every_steps = 4
   if args.terms:
     steps_per_epoch = (1000 if args.validate else 1300) // c.data.batch_size
-    c.distill.terms = terms_from_names(args.terms, c.student.num_epochs * steps_per_epoch)
+    c.distill.terms = terms_from_names(args.terms, c.student.num_epochs * steps_per_epoch,
+                                       args.scale)
   c.lock()
   return c
