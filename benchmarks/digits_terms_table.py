@@ -14,7 +14,7 @@ Nothing is chosen on the test set. On the validation split (train[:1000] / train
   uses the pair whose KD student scores higher;
 - each row's weight scale (`scale=S`: the weights of its terms other than CE and KD, whose
   defaults follow RepDistiller's CIFAR-100 values, are multiplied by S) is picked from
-  `--scales`, the best mean validation accuracy.
+  `--scales`, the best mean validation accuracy (ties go to the scale listed first).
 """
 import json
 import os
@@ -74,9 +74,9 @@ def _accuracies(pair: str, rows: list[str], split_arg: str, seeds: list[str],
   return acc
 
 
-def _table(acc: dict[str, list[float]]) -> str:
-  lines = ["| terms | " + " | ".join(f"seed {s}" for s in _SEEDS.value) + " | mean ± std |",
-           "|---|" + "---|" * (len(_SEEDS.value) + 1)]
+def _table(acc: dict[str, list[float]], seeds: list[str]) -> str:
+  lines = ["| terms | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± std |",
+           "|---|" + "---|" * (len(seeds) + 1)]
   for row, values in acc.items():
     v = 100 * np.asarray(values)
     lines.append(f"| {row} | " + " | ".join(f"{x:.2f}" for x in v) +
@@ -90,19 +90,22 @@ def main(_):
     scores = {}
     for candidate in _SELECT.value:
       acc = _accuracies(candidate, ["kd"], ",validate", _TUNE_SEEDS.value)
-      print(f"\nvalidation (train[1000:]), pair={candidate}:\n{_table(acc)}\n", flush=True)
+      print(f"\nvalidation (train[1000:]), pair={candidate}:\n{_table(acc, _TUNE_SEEDS.value)}\n",
+            flush=True)
       scores[candidate] = float(np.mean(acc["kd"]))
     pair = max(scores, key=scores.get)
     print(f"chosen on validation: pair={pair} (KD student validation accuracy "
           f"{ {k: round(100 * v, 2) for k, v in scores.items()} })\n", flush=True)
   tuned = [f"{row}@{scale}" for row in _ROWS.value[1:] for scale in _SCALES.value]
   acc = _accuracies(pair, _ROWS.value[:1] + tuned, ",validate", _TUNE_SEEDS.value)
-  print(f"validation (train[1000:]), pair={pair}, weight scales:\n{_table(acc)}\n", flush=True)
+  print(f"validation (train[1000:]), pair={pair}, weight scales:\n"
+        f"{_table(acc, _TUNE_SEEDS.value)}\n", flush=True)
   scales = {row: max(_SCALES.value, key=lambda scale: np.mean(acc[f"{row}@{scale}"]))
             for row in _ROWS.value[1:]}
   print(f"chosen scales: {scales}\n", flush=True)
   acc = _accuracies(pair, _ROWS.value, "", _SEEDS.value, scales)
-  print(f"test accuracy (497 test images), pair={pair}, seeds {_SEEDS.value}:\n{_table(acc)}")
+  print(f"test accuracy (497 test images), pair={pair}, seeds {_SEEDS.value}:\n"
+        f"{_table(acc, _SEEDS.value)}")
 
 
 if __name__ == "__main__":
