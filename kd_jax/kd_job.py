@@ -10,7 +10,6 @@ import json
 import os
 
 import jax
-import jax.numpy as jnp
 
 from kd_jax import checkpoint, data, models, optim, precision, trainer
 from kd_jax.distiller import Distiller, Term, supervised

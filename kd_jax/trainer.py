@@ -88,7 +88,7 @@ def train(stage: Stage, workdir: str, train_batches: Callable[[int], Iterator[di
   stage_dir = os.path.join(workdir, stage.name)
   ckpt = checkpoint.Checkpointer(os.path.join(stage_dir, "checkpoints"), stage.metadata,
                                  keep=options.keep_checkpoints)
-  state, tx = init_state(stage, train_batches, options.seed)
+  state, tx = init_state(stage, next(train_batches(0)), options.seed)
   mesh = sharding.make_mesh(options.mesh_axes)
   step_fn, state = sharding.shard_train_step(step_lib.make_train_step(stage.method, tx), state,
                                              mesh, options.mesh_rules)
@@ -134,11 +134,11 @@ def train(stage: Stage, workdir: str, train_batches: Callable[[int], Iterator[di
   return student_variables(state)
 
 
-def init_state(stage: Stage, train_batches: Callable[[int], Iterator[dict]], seed: int):
-  """The stage's initial `TrainState` (learnable parts shaped on the first batch) and its
-  optimizer."""
+def init_state(stage: Stage, example_batch: dict, seed: int):
+  """The stage's initial `TrainState` (learnable parts shaped on `example_batch`, e.g. the
+  first training batch) and its optimizer."""
   trainable, frozen, extra = stage.method.init(jax.random.PRNGKey(seed + 1), stage.variables,
-                                               next(train_batches(0)))
+                                               example_batch)
   overrides = {part: step_lib.ascend(stage.part_tx.get(part, stage.tx))
                for part in getattr(stage.method, "ascending_parts", ())}
   tx = step_lib.per_part_optimizer(trainable, stage.tx, {**stage.part_tx, **overrides})
@@ -149,8 +149,8 @@ def init_state(stage: Stage, train_batches: Callable[[int], Iterator[dict]], see
 def check_stage(stage: Stage, train_batches: Callable[[int], Iterator[dict]], seed: int) -> None:
   """Builds the stage's state and traces its step on abstract values, so bad taps, shapes or
   hyperparameters fail at start-up with the term's name, before anything trains."""
-  state, tx = init_state(stage, train_batches, seed)
-  batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), next(train_batches(0)))
+  batch = next(train_batches(0))
+  state, tx = init_state(stage, batch, seed)
   jax.eval_shape(step_lib.make_train_step(stage.method, tx), state, batch,
                  jax.random.PRNGKey(seed))
 

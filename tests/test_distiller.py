@@ -189,7 +189,7 @@ def test_adversarial_discriminator_climbs_the_loss_the_student_descends(digits_b
     assert distiller.ascending_parts == (("meal_v2_discriminator",) if adversarial else ())
     trainable, frozen, extra = distiller.init(jax.random.key(0), variables, batches[0])
     stage = trainer.Stage("s", distiller, variables, {}, optax.sgd(0.1), 1)
-    state, tx = trainer.init_state(stage, lambda start: iter(batches[start:]), 0)
+    state, tx = trainer.init_state(stage, batches[0], 0)
     new, _ = jax.jit(make_train_step(distiller, tx))(state, batches[0], jax.random.key(0))
     grads = jax.grad(lambda t: distiller.loss(t, frozen, extra, batches[0], 0,
                                               jax.random.fold_in(jax.random.key(0), 0))[0])(

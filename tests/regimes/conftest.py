@@ -44,7 +44,7 @@ def batches(train_batches):
 
 def _final_state(stage: trainer.Stage, workdir: str, train_batches):
   """The latest checkpoint of `stage` in `workdir`, restored into the stage's state structure."""
-  template, _ = trainer.init_state(stage, train_batches, seed=0)
+  template, _ = trainer.init_state(stage, next(train_batches(0)), seed=0)
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, stage.name, "checkpoints"), stage.metadata)
   try:
     return ckpt.restore(trainer.checkpointed(template, stage.method))
