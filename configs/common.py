@@ -69,12 +69,25 @@ def kd_config() -> ml_collections.ConfigDict:
   c.teacher.model_kwargs = ml_collections.ConfigDict()  # extra create_model arguments
   c.teacher.num_epochs = 1
   c.teacher.checkpoint = ""     # a trained teacher's checkpoint dir: skips teacher training
+  c.teacher.on_label_subset = False  # train the teacher on the students' labeled fraction too
 
   c.student = ml_collections.ConfigDict()
   c.student.model = ""
   c.student.model_kwargs = ml_collections.ConfigDict()
   c.student.num_epochs = 1
   c.student.baseline = True     # also train the label-only baseline student
+  c.student.omit_class = -1     # leave this class out of the students' transfer set (Hinton §3)
+  c.student.label_fraction = 1.0  # the students train on this stratified fraction of train
+
+  # Each student arm's recipe is chosen on validation: every (crop_padding, learning_rate,
+  # num_epochs) of this grid trains on train minus its last `validation_examples` examples and
+  # is scored on them; 0 skips tuning (data.crop_padding, optim.learning_rate,
+  # student.num_epochs are then the students' recipe).
+  c.tune = ml_collections.ConfigDict()
+  c.tune.validation_examples = 0
+  c.tune.crop_padding = (0,)
+  c.tune.learning_rate = (0.05,)
+  c.tune.num_epochs = (1,)
 
   c.optim = ml_collections.ConfigDict()
   c.optim.name = "sgd"

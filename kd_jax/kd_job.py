@@ -1,17 +1,30 @@
 """The knowledge-distillation job: teacher → label-only baseline student → KD student.
 
-`run(config, workdir)` trains (or restores) each stage, evaluates all three on the eval
-split, writes `results.json` and returns the rows of the comparison table. Every stage
-resumes from its own checkpoints, so rerunning with the same workdir continues where a
-killed run stopped, and a finished teacher is restored, not retrained.
+`run(config, workdir)` trains (or restores) each stage, evaluates them on the eval split,
+writes `results.json` and returns the rows of the comparison table.
+
+Fair by construction: with `tune.validation_examples = V`, each student arm (baseline, KD)
+first trains with every recipe of the `tune` grid (shifts on/off, learning rate, epochs) on
+train minus its last V examples, distilling from a teacher trained on that part only, and is
+scored on those V examples. Each arm then trains on the whole train split with its own best
+recipe (`validation.json` records the grid); the test split is used only for the final rows.
+
+The students' transfer set can leave one class out (`student.omit_class`: Hinton's experiment,
+with `+bias` rows whose logit bias for that class is fitted on the train split) or keep a
+stratified fraction of train (`student.label_fraction`; the teacher trains on the full split,
+or on the same subset with `teacher.on_label_subset`).
+
+Every stage resumes from its own checkpoints, so rerunning with the same workdir continues
+where a killed run stopped, and a finished stage is restored, not retrained.
 """
 import dataclasses
+import itertools
 import json
 import os
 
 import jax
 
-from kd_jax import checkpoint, data, models, optim, precision, trainer
+from kd_jax import checkpoint, class_bias, data, models, optim, precision, trainer
 from kd_jax.distiller import Distiller, Term, supervised
 
 
@@ -45,6 +58,57 @@ def _open(data_config, split: str, data_dir):
   return data.open_source(data_config.name, split, data_dir)
 
 
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+  """How one student arm trains: shift augmentation, peak learning rate, epochs."""
+  crop_padding: int
+  learning_rate: float
+  num_epochs: int
+
+  def __str__(self) -> str:
+    shifts = f"shift ±{self.crop_padding}" if self.crop_padding else "no shift"
+    return f"{shifts}, lr {self.learning_rate:g}, {self.num_epochs} ep"
+
+  @property
+  def slug(self) -> str:
+    return f"crop{self.crop_padding}_lr{self.learning_rate:g}_ep{self.num_epochs}"
+
+
+def recipe_grid(config) -> list[Recipe]:
+  """The student recipes tried on validation (`config.tune`), or the config's own recipe when
+  `tune.validation_examples` is 0."""
+  t = config.tune
+  if not t.validation_examples:
+    return [Recipe(config.data.crop_padding, config.optim.learning_rate,
+                   config.student.num_epochs)]
+  for field in ("crop_padding", "learning_rate", "num_epochs"):
+    if not t[field]:
+      raise ValueError(f"tune.{field} is empty; give at least one value, or set "
+                       "tune.validation_examples=0 to train with the config's own recipe")
+  return [Recipe(*r) for r in itertools.product(t.crop_padding, t.learning_rate, t.num_epochs)]
+
+
+def _check(config, num_train: int, num_classes: int) -> None:
+  """Start-up checks of the fields that shape the stages, each error naming its field."""
+  for field in ("teacher.num_epochs", "student.num_epochs"):
+    group, key = field.split(".")
+    if config[group][key] < 1:
+      raise ValueError(f"{field} must be >= 1, got {config[group][key]}")
+  if config.data.batch_size > num_train:
+    raise ValueError(f"data.batch_size={config.data.batch_size} exceeds the {num_train} examples "
+                     f"of {config.data.name}:{config.data.train_split}; lower it")
+  if not -1 <= config.student.omit_class < num_classes:
+    raise ValueError(f"student.omit_class must be -1 (none) or a class in 0..{num_classes - 1}, "
+                     f"got {config.student.omit_class}")
+  if not 0 < config.student.label_fraction <= 1:
+    raise ValueError(f"student.label_fraction must be in (0, 1], got "
+                     f"{config.student.label_fraction}")
+  v = config.tune.validation_examples
+  if v and not config.data.batch_size <= v <= num_train - config.data.batch_size:
+    raise ValueError(f"tune.validation_examples={v} must leave at least one batch on each side "
+                     f"of the {num_train} train examples (or be 0: no tuning)")
+
+
 def run(config, workdir: str) -> list[dict]:
   """Runs the job described by `config` (see configs/common.py:kd_config) in `workdir`."""
   os.makedirs(workdir, exist_ok=True)
@@ -53,53 +117,70 @@ def run(config, workdir: str) -> list[dict]:
   info = data.dataset_info(config.data.name, data_dir)
   train_source, eval_source = (_open(config.data, split, data_dir)
                                for split in (config.data.train_split, config.data.eval_split))
+  _check(config, len(train_source), info.num_classes)
+  grid = recipe_grid(config)
   batch_size = config.data.batch_size
-  if batch_size > len(train_source):
-    raise ValueError(f"data.batch_size={batch_size} exceeds the {len(train_source)} examples of "
-                     f"{config.data.name}:{config.data.train_split}; lower it")
-  steps_per_epoch = data.steps_per_epoch(len(train_source), batch_size)
   image_shape = tuple(info.image_shape)
-  augment = data.AugmentConfig(crop_padding=config.data.crop_padding, flip=config.data.flip)
+  omitted = config.student.omit_class
+  process = {"process_index": jax.process_index(), "process_count": jax.process_count()}
 
-  def train_batches(seed):
+  def train_batches(source, seed, crop_padding):
+    augment = data.AugmentConfig(crop_padding=crop_padding, flip=config.data.flip)
     return lambda start: data.train_batches(
-        train_source, batch_size=batch_size, seed=seed, start_step=start, augment=augment,
-        mean=info.mean, std=info.std, process_index=jax.process_index(), process_count=jax.process_count())
+        source, batch_size=batch_size, seed=seed, start_step=start, augment=augment,
+        mean=info.mean, std=info.std, **process)
 
   # Rounded up to whole batch shards; the extra rows are padding with mask 0.
   eval_batch_size = -(-config.data.eval_batch_size // jax.device_count()) * jax.device_count()
 
-  def eval_batches():
-    return data.eval_batches(eval_source, batch_size=eval_batch_size,
-                             mean=info.mean, std=info.std, process_index=jax.process_index(), process_count=jax.process_count())
+  def eval_batches(source):
+    return data.eval_batches(source, batch_size=eval_batch_size, mean=info.mean, std=info.std,
+                             **process)
 
-  def make_tx(num_epochs):
+  def make_tx(learning_rate, num_epochs, num_examples):
+    steps_per_epoch = data.steps_per_epoch(num_examples, batch_size)
     total = num_epochs * steps_per_epoch
     o = config.optim
-    schedule = optim.make_schedule(name=o.schedule, learning_rate=o.learning_rate,
+    schedule = optim.make_schedule(name=o.schedule, learning_rate=learning_rate,
                                    total_steps=total, steps_per_epoch=steps_per_epoch,
                                    decay_epochs=o.decay_epochs, decay_rate=o.decay_rate,
                                    warmup_epochs=o.warmup_epochs)
     return optim.make_optimizer(name=o.name, schedule=schedule, momentum=o.momentum,
                                 nesterov=o.nesterov, weight_decay=o.weight_decay), total
 
-  for field in ("teacher.num_epochs", "student.num_epochs"):
-    group, key = field.split(".")
-    if config[group][key] < 1:
-      raise ValueError(f"{field} must be >= 1, got {config[group][key]}")
+  def labeled_subset(source):
+    fraction = config.student.label_fraction
+    if fraction == 1:
+      return source
+    return data.subset(source, data.stratified_fraction(data.class_ids(source), fraction,
+                                                        config.seed))
+
+  def transfer_set(source):
+    """What the students train on: the labeled fraction, without the omitted class."""
+    source = labeled_subset(source)
+    if omitted < 0:
+      return source
+    return data.subset(source, data.without_class(data.class_ids(source), omitted))
+
+  def teacher_set(source):
+    return labeled_subset(source) if config.teacher.on_label_subset else source
 
   rng_teacher, rng_student = jax.random.split(jax.random.PRNGKey(config.seed))
-  teacher_apply, teacher_vars, teacher_meta = _build(
+  teacher_apply, teacher_init, teacher_meta = _build(
       config.teacher.model, config.teacher.model_kwargs.to_dict(), "teacher.model", info.num_classes, dtype, image_shape, rng_teacher)
-  student_apply, student_vars, student_meta = _build(
+  student_apply, student_init, student_meta = _build(
       config.student.model, config.student.model_kwargs.to_dict(), "student.model", info.num_classes, dtype, image_shape, rng_student)
   terms = distill_terms(config)
-  distiller = Distiller(student_apply, terms, {"teacher": teacher_apply},
-                        num_data=len(train_source))
+  kd_meta = {**student_meta, "teacher": teacher_meta, "terms": [_jsonable(t) for t in terms]}
+  arms = {"student_kd": (lambda n: Distiller(student_apply, terms, {"teacher": teacher_apply},
+                                             num_data=n), kd_meta)}
+  if config.student.baseline:
+    arms = {"student_baseline": (lambda n: supervised(student_apply), student_meta), **arms}
   # Fails at start-up, not after the teacher has trained, on bad taps, shapes or hparams.
-  trainer.check_stage(trainer.Stage("student_kd", distiller, {"student": student_vars,
-                                                              "teacher": teacher_vars},
-                                    {}, make_tx(1)[0], 1), train_batches(config.seed), config.seed)
+  trainer.check_stage(trainer.Stage("student_kd", arms["student_kd"][0](len(train_source)),
+                                    {"student": student_init, "teacher": teacher_init}, {},
+                                    make_tx(grid[0].learning_rate, 1, len(train_source))[0], 1),
+                      train_batches(transfer_set(train_source), config.seed, 0), config.seed)
 
   options = trainer.LoopOptions(seed=config.seed, log_every=config.log.every_steps,
                                 checkpoint_every=config.checkpoint.every_steps,
@@ -107,38 +188,89 @@ def run(config, workdir: str) -> list[dict]:
                                 tensorboard=config.log.tensorboard,
                                 mesh_axes=tuple(map(tuple, config.mesh.axes)),
                                 mesh_rules=tuple(map(tuple, config.mesh.rules)))
+
+  def train_teacher(name, source):
+    source = teacher_set(source)
+    tx, steps = make_tx(config.optim.learning_rate, config.teacher.num_epochs, len(source))
+    return trainer.train(trainer.Stage(
+        name, supervised(teacher_apply), {"student": teacher_init}, teacher_meta, tx, steps),
+        workdir, train_batches(source, config.seed, config.data.crop_padding), options)
+
+  def train_arm(name, arm, recipe, source, teacher_vars):
+    source = transfer_set(source)
+    make_method, meta = arms[arm]
+    tx, steps = make_tx(recipe.learning_rate, recipe.num_epochs, len(source))
+    return trainer.train(trainer.Stage(
+        name, make_method(len(source)), {"student": student_init, "teacher": teacher_vars},
+        {**meta, "recipe": dataclasses.asdict(recipe)}, tx, steps),
+        workdir, train_batches(source, config.seed + 1, recipe.crop_padding), options)
+
+  chosen = {arm: grid[0] for arm in arms}
+  if config.tune.validation_examples:
+    chosen = _tune(config, workdir, grid, list(arms), train_source, train_teacher, train_arm,
+                   lambda variables, source: trainer.evaluate(
+                       student_apply, variables, eval_batches(source), options.mesh_axes))
+
   results = []
 
-  def finish(name, apply_fn, variables, meta):
-    metrics = trainer.evaluate(apply_fn, variables, eval_batches(), options.mesh_axes)
-    results.append({"stage": name, "model": meta["model"],
-                    "params": models.count_params(variables["params"]), **metrics})
+  def finish(name, apply_fn, variables, meta, recipe):
+    row = {"stage": name, "model": meta["model"], "recipe": recipe,
+           "params": models.count_params(variables["params"]),
+           **trainer.evaluate(apply_fn, variables, eval_batches(eval_source), options.mesh_axes)}
+    results.append(row)
+    if omitted < 0:
+      return
+    logits, labels = trainer.predict(apply_fn, variables, eval_batches(eval_source),
+                                     options.mesh_axes)
+    row["omitted_class_accuracy"] = class_bias.accuracy(logits, labels, omitted)
+    if name == "teacher":
+      return
+    # Hinton's correction, fitted on the train split (the student never saw its `omitted` rows).
+    bias = class_bias.fit_class_bias(*trainer.predict(
+        apply_fn, variables, eval_batches(train_source), options.mesh_axes), omitted)
+    shifted = class_bias.with_class_bias(logits, omitted, bias)
+    results.append({**row, "stage": f"{name}+bias", "class_bias": bias,
+                    "accuracy": class_bias.accuracy(shifted, labels),
+                    "omitted_class_accuracy": class_bias.accuracy(shifted, labels, omitted)})
 
   if config.teacher.checkpoint:
     teacher_vars = checkpoint.restore_variables(config.teacher.checkpoint, teacher_meta,
-                                                teacher_vars)
+                                                teacher_init)
+    teacher_recipe = f"restored from {config.teacher.checkpoint}"
   else:
-    tx, steps = make_tx(config.teacher.num_epochs)
-    teacher_vars = trainer.train(trainer.Stage(
-        "teacher", supervised(teacher_apply), {"student": teacher_vars}, teacher_meta, tx, steps),
-        workdir, train_batches(config.seed), options)
-  finish("teacher", teacher_apply, teacher_vars, teacher_meta)
-
-  tx, steps = make_tx(config.student.num_epochs)
-  student_batches = train_batches(config.seed + 1)
-  if config.student.baseline:
-    baseline_vars = trainer.train(trainer.Stage(
-        "student_baseline", supervised(student_apply), {"student": student_vars}, student_meta,
-        tx, steps), workdir, student_batches, options)
-    finish("student_baseline", student_apply, baseline_vars, student_meta)
-  kd_meta = {**student_meta, "teacher": teacher_meta, "terms": [_jsonable(t) for t in terms]}
-  kd_vars = trainer.train(trainer.Stage(
-      "student_kd", distiller, {"student": student_vars, "teacher": teacher_vars}, kd_meta, tx,
-      steps), workdir, student_batches, options)
-  finish("student_kd", student_apply, kd_vars, student_meta)
+    teacher_vars = train_teacher("teacher", train_source)
+    teacher_recipe = str(Recipe(config.data.crop_padding, config.optim.learning_rate,
+                                config.teacher.num_epochs))
+  finish("teacher", teacher_apply, teacher_vars, teacher_meta, teacher_recipe)
+  for arm in arms:
+    variables = train_arm(arm, arm, chosen[arm], train_source, teacher_vars)
+    finish(arm, student_apply, variables, student_meta, str(chosen[arm]))
   if jax.process_index() == 0:
     checkpoint.atomic_write_json(os.path.join(workdir, "results.json"), results)
   return results
+
+
+def _tune(config, workdir, grid, arms, train_source, train_teacher, train_arm, evaluate):
+  """Trains every arm with every recipe of `grid` on train minus its last
+  `tune.validation_examples` examples (with a teacher trained on that part too), evaluates on
+  those examples, writes `validation.json` and returns each arm's best recipe (the first of
+  equals)."""
+  n = len(train_source) - config.tune.validation_examples
+  fit = data.subset(train_source, range(n))
+  held_out = data.subset(train_source, range(n, len(train_source)))
+  teacher_vars = train_teacher("validation/teacher", fit)
+  accuracy = {arm: {} for arm in arms}
+  for arm in arms:
+    for recipe in grid:
+      variables = train_arm(f"validation/{arm}/{recipe.slug}", arm, recipe, fit, teacher_vars)
+      accuracy[arm][recipe.slug] = evaluate(variables, held_out)["accuracy"]
+  chosen = {arm: max(grid, key=lambda r, a=arm: accuracy[a][r.slug]) for arm in arms}
+  if jax.process_index() == 0:
+    checkpoint.atomic_write_json(os.path.join(workdir, "validation.json"), {
+        "train_examples": n, "validation_examples": config.tune.validation_examples,
+        "grid": [dataclasses.asdict(r) | {"slug": r.slug} for r in grid],
+        "accuracy": accuracy, "chosen": {arm: r.slug for arm, r in chosen.items()}})
+  return chosen
 
 
 def _jsonable(term: Term) -> dict:
@@ -147,9 +279,17 @@ def _jsonable(term: Term) -> dict:
 
 
 def format_table(rows: list[dict]) -> str:
-  """The comparison table the job prints."""
-  lines = [f"{'stage':<18} {'model':<22} {'params':>10} {'test acc':>9}", "-" * 62]
-  lines += [f"{r['stage']:<18} {r['model']:<22} {r['params']:>10,} {100 * r['accuracy']:>8.2f}%"
-            for r in rows]
+  """The comparison table the job prints: each row's recipe, and with an omitted class its
+  accuracy on that class (and the fitted bias of the `+bias` rows)."""
+  omitted = "omitted_class_accuracy" in rows[0]
+  header = f"{'stage':<22} {'model':<20} {'params':>8} {'test acc':>9}"
+  header += f" {'omitted':>8} {'bias':>5}" if omitted else ""
+  lines = [header + "  recipe (chosen on validation)", "-" * (len(header) + 31)]
+  for r in rows:
+    line = f"{r['stage']:<22} {r['model']:<20} {r['params']:>8,} {100 * r['accuracy']:>8.2f}%"
+    if omitted:
+      bias = f"{r['class_bias']:>5.2f}" if "class_bias" in r else " " * 5
+      line += f" {100 * r['omitted_class_accuracy']:>7.2f}% {bias}"
+    lines.append(f"{line}  {r['recipe']}")
   return "\n".join(lines)
 

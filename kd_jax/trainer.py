@@ -8,7 +8,9 @@ import os
 from typing import Callable, Iterable, Iterator
 
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from kd_jax import checkpoint, metrics, sharding
@@ -66,6 +68,21 @@ def evaluate(apply_fn: Callable, variables, batches: Iterable[dict],
   count = max(float(totals["eval/count"]), 1.0)
   return {"accuracy": float(totals["eval/correct"]) / count,
           "loss": float(totals["eval/loss_sum"]) / count, "count": int(totals["eval/count"])}
+
+
+def predict(apply_fn: Callable, variables, batches: Iterable[dict],
+            mesh_axes: tuple = (("data", -1),)) -> tuple[np.ndarray, np.ndarray]:
+  """`(logits [N, K], labels [N])` of every real (mask 1) row of `batches`, from all hosts."""
+  mesh = sharding.make_mesh(mesh_axes)
+  logits_fn = jax.jit(lambda v, images: apply_fn(v, images, train=False)[0].logits)
+  parts = []
+  for batch in batches:
+    sharded = sharding.shard_batch(batch, mesh)
+    parts.append([multihost_utils.process_allgather(a, tiled=True) for a in (
+        logits_fn(variables, sharded["image"]), sharded["label"], sharded["mask"])])
+  logits, labels, mask = (np.concatenate(p) for p in zip(*parts))
+  labels = labels.argmax(-1) if labels.ndim == 2 else labels
+  return logits[mask > 0], labels[mask > 0]
 
 
 def train(stage: Stage, workdir: str, train_batches: Callable[[int], Iterator[dict]],

@@ -175,3 +175,65 @@ def test_killed_run_resumes_to_identical_results(finished_run, digits_data_dir, 
   assert resumed.returncode == 0, resumed.stderr[-2000:]
   assert "student_kd" in resumed.stdout
   assert json.load(open(workdir / "results.json")) == uninterrupted
+
+
+def test_each_arm_gets_its_recipe_from_validation_only(finished_run):
+  """Every arm × recipe trains on train[:1000] against a teacher of train[:1000]; each arm's
+  best validation recipe is the one its test row names."""
+  workdir, rows = finished_run
+  record = json.load(open(os.path.join(workdir, "validation.json")))
+  assert record["train_examples"] == 1000 and record["validation_examples"] == 300
+  slugs = [r["slug"] for r in record["grid"]]
+  assert slugs == ["crop0_lr0.05_ep1", "crop1_lr0.05_ep1"]
+  by_slug = {r.slug: r for r in kd_job.recipe_grid(_config(None))}
+  for row in rows[1:]:
+    scores = record["accuracy"][row["stage"]]
+    assert list(scores) == slugs
+    best = max(slugs, key=scores.get)
+    assert record["chosen"][row["stage"]] == best and row["recipe"] == str(by_slug[best])
+  # 1000 examples / 64 = 15 steps per epoch on the validation side, 1300 / 64 = 20 on test.
+  last = lambda stage: metrics.read_jsonl(os.path.join(workdir, stage, "metrics.jsonl"))[-1]
+  assert last("validation/teacher")["step"] == 15 and last("teacher")["step"] == 20
+  assert last("validation/student_kd/crop1_lr0.05_ep1")["step"] == 15
+
+
+def test_omitted_class_and_label_fraction_shape_the_transfer_sets(digits_data_dir, tmp_path,
+                                                                   monkeypatch):
+  """Students never see the omitted class; with `teacher.on_label_subset` the teacher trains on
+  the same stratified half (all classes); the `+bias` rows raise only that class's recall."""
+  from kd_jax import data  # pylint: disable=g-import-not-at-top
+  seen = []
+  real = data.train_batches
+
+  def recording(source, **kwargs):
+    seen.append(data.class_ids(source))
+    return real(source, **kwargs)
+
+  monkeypatch.setattr(data, "train_batches", recording)
+  config = _config(digits_data_dir, **{"student.omit_class": 3, "student.label_fraction": 0.5,
+                                       "teacher.on_label_subset": True})
+  rows = kd_job.run(config, str(tmp_path))
+  teachers = [labels for labels in seen if 3 in labels]
+  students = [labels for labels in seen if 3 not in labels]
+  labels = data.load_arrays("digits", "train", digits_data_dir)[1]
+  halves = {len(data.stratified_fraction(labels[:n], 0.5, seed=0)) for n in (1000, 1300)}
+  assert {len(t) for t in teachers} == halves  # half of train[:1000], half of train
+  assert students and all(len(s) < max(halves) for s in students)
+  assert [r["stage"] for r in rows] == ["teacher", "student_baseline", "student_baseline+bias",
+                                        "student_kd", "student_kd+bias"]
+  for plain, corrected in (rows[1:3], rows[3:5]):
+    assert corrected["class_bias"] >= 0
+    assert corrected["omitted_class_accuracy"] >= plain["omitted_class_accuracy"]
+  assert "omitted" in kd_job.format_table(rows)
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("student.omit_class", 10, r"student.omit_class must be -1 \(none\) or a class in 0..9"),
+    ("student.label_fraction", 0.0, r"student.label_fraction must be in \(0, 1\]"),
+    ("tune.validation_examples", 1290, r"tune.validation_examples=1290 must leave"),
+    ("tune.learning_rate", (), r"tune.learning_rate is empty"),
+])
+def test_bad_transfer_set_and_tuning_fields_fail_at_start(digits_data_dir, tmp_path, key, value,
+                                                          message):
+  with pytest.raises(ValueError, match=message):
+    kd_job.run(_config(digits_data_dir, **{key: value}), str(tmp_path))

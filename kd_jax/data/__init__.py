@@ -18,3 +18,8 @@ from kd_jax.data.sources import dataset_info
 from kd_jax.data.sources import gather
 from kd_jax.data.sources import load_arrays
 from kd_jax.data.sources import open_source
+from kd_jax.data.subsets import IndexedSource
+from kd_jax.data.subsets import class_ids
+from kd_jax.data.subsets import stratified_fraction
+from kd_jax.data.subsets import subset
+from kd_jax.data.subsets import without_class
