@@ -16,18 +16,15 @@ Nothing is chosen on the test set. On the validation split (train[:1000] / train
   defaults follow RepDistiller's CIFAR-100 values, are multiplied by S) is picked from
   `--scales`, the best mean validation accuracy (ties go to the scale listed first).
 """
-import json
 import os
-import subprocess
 import sys
 
 from absl import app, flags
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import results_log  # noqa: E402  (benchmarks/, the script's folder)
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import digits_runs  # noqa: E402  (benchmarks/, the script's folder)
+import results_log  # noqa: E402
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/digits_terms", "Where runs are written.")
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds.")
 _PAIR = flags.DEFINE_string("pair", "", "Teacher → student pair; empty: chosen by --select.")
@@ -39,17 +36,6 @@ _ROWS = flags.DEFINE_list(
              "reviewkd_hcl+kd"], "Term sets, one row each (the baseline row comes first).")
 
 
-def _run(workdir: str, arg: str, *overrides: str) -> list[dict]:
-  """One `python -m kd_jax.main` run; returns its results.json rows."""
-  command = [sys.executable, "-m", "kd_jax.main", f"--config=configs/digits_kd.py:{arg}",
-             f"--workdir={workdir}", *overrides]
-  print("$", " ".join(command[1:]), flush=True)
-  subprocess.run(command, cwd=ROOT, check=True, stdout=subprocess.DEVNULL,
-                 env={**os.environ, "CI": "true"})
-  with open(os.path.join(workdir, "results.json")) as f:
-    return json.load(f)
-
-
 def _accuracies(pair: str, rows: list[str], split_arg: str, seeds: list[str],
                 scales: dict[str, str] | None = None) -> dict[str, list[float]]:
   """Accuracy per row (key `row` or `row@scale`) over `seeds`; the first row also trains the
@@ -57,7 +43,7 @@ def _accuracies(pair: str, rows: list[str], split_arg: str, seeds: list[str],
   acc = {}
   for seed in map(int, seeds):
     base = os.path.join(_WORKDIR.value, f"{pair}{split_arg.replace(',', '_')}", f"seed{seed}")
-    first = _run(os.path.join(base, rows[0]), f"pair={pair},terms={rows[0]},seed={seed}{split_arg}")
+    first = digits_runs.run_job(os.path.join(base, rows[0]), f"pair={pair},terms={rows[0]},seed={seed}{split_arg}")
     by_stage = {r["stage"]: r["accuracy"] for r in first}
     acc.setdefault("teacher", []).append(by_stage["teacher"])
     acc.setdefault("baseline (CE only)", []).append(by_stage["student_baseline"])
@@ -66,22 +52,12 @@ def _accuracies(pair: str, rows: list[str], split_arg: str, seeds: list[str],
     for row in rows[1:]:
       terms, _, scale = row.partition("@")
       scale = scale or (scales or {}).get(terms, "1")
-      result = _run(os.path.join(base, f"{terms}@{scale}"),
+      result = digits_runs.run_job(os.path.join(base, f"{terms}@{scale}"),
                     f"pair={pair},terms={terms},scale={scale},seed={seed}{split_arg}",
                     f"--config.teacher.checkpoint={teacher}", "--config.student.baseline=False")
       acc.setdefault(row if "@" in row else f"{row} (scale {scale})", []).append(
           result[-1]["accuracy"])
   return acc
-
-
-def _table(acc: dict[str, list[float]], seeds: list[str]) -> str:
-  lines = ["| terms | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± std |",
-           "|---|" + "---|" * (len(seeds) + 1)]
-  for row, values in acc.items():
-    v = 100 * np.asarray(values)
-    lines.append(f"| {row} | " + " | ".join(f"{x:.2f}" for x in v) +
-                 f" | {v.mean():.2f} ± {v.std():.2f} |")
-  return "\n".join(lines)
 
 
 def main(_):
@@ -90,7 +66,7 @@ def main(_):
     scores = {}
     for candidate in _SELECT.value:
       acc = _accuracies(candidate, ["kd"], ",validate", _TUNE_SEEDS.value)
-      print(f"\nvalidation (train[1000:]), pair={candidate}:\n{_table(acc, _TUNE_SEEDS.value)}\n",
+      print(f"\nvalidation (train[1000:]), pair={candidate}:\n{digits_runs.markdown_table(acc, _TUNE_SEEDS.value)}\n",
             flush=True)
       scores[candidate] = float(np.mean(acc["kd"]))
     pair = max(scores, key=scores.get)
@@ -99,13 +75,13 @@ def main(_):
   tuned = [f"{row}@{scale}" for row in _ROWS.value[1:] for scale in _SCALES.value]
   acc = _accuracies(pair, _ROWS.value[:1] + tuned, ",validate", _TUNE_SEEDS.value)
   print(f"validation (train[1000:]), pair={pair}, weight scales:\n"
-        f"{_table(acc, _TUNE_SEEDS.value)}\n", flush=True)
+        f"{digits_runs.markdown_table(acc, _TUNE_SEEDS.value)}\n", flush=True)
   scales = {row: max(_SCALES.value, key=lambda scale: np.mean(acc[f"{row}@{scale}"]))
             for row in _ROWS.value[1:]}
   print(f"chosen scales: {scales}\n", flush=True)
   acc = _accuracies(pair, _ROWS.value, "", _SEEDS.value, scales)
   print(f"test accuracy (497 test images), pair={pair}, seeds {_SEEDS.value}:\n"
-        f"{_table(acc, _SEEDS.value)}")
+        f"{digits_runs.markdown_table(acc, _SEEDS.value)}")
 
 
 if __name__ == "__main__":

@@ -377,8 +377,8 @@ class _Compiled:
       provided["contrast_indices"] = loss_modules.crd_contrast_indices(
           rng, batch["index"], self.options["num_negatives"], self.num_data)
     if loss == "nd":
-      new_extra = _update_class_sums(extra, teacher[0], batch["label"], mask)
-      provided["class_means"] = _class_means(new_extra)
+      new_extra = update_class_sums(extra, teacher[0], batch["label"], mask)
+      provided["class_means"] = class_means(new_extra)
     if loss == "ofd" and "margin" not in hparams:
       new_extra = _update_negative_means(extra, teacher[0], mask)
       hparams["margin"] = new_extra["negative_sums"] / jnp.maximum(new_extra["negative_counts"], 1)
@@ -447,7 +447,8 @@ def _mask_for(first_input, mask, spec):
   return jnp.broadcast_to(mask[:, None], (mask.shape[0], tokens))
 
 
-def _update_class_sums(extra, teacher_features, labels, mask):
+def update_class_sums(extra, teacher_features, labels, mask):
+  """`{"sums" [C, D], "counts" [C]}` plus this batch's features `[B, ...]` per class."""
   weights = jax.nn.one_hot(hard_labels(labels), extra["counts"].shape[0])
   if mask is not None:
     weights = weights * mask[:, None]
@@ -455,7 +456,7 @@ def _update_class_sums(extra, teacher_features, labels, mask):
   return {"sums": extra["sums"] + weights.T @ flat, "counts": extra["counts"] + weights.sum(0)}
 
 
-def _class_means(extra):
+def class_means(extra):
   """Running teacher class means; classes not seen yet get a unit placeholder (never used)."""
   counts = extra["counts"][:, None]
   return jnp.where(counts > 0, extra["sums"] / jnp.maximum(counts, 1.0), 1.0)

@@ -24,23 +24,8 @@ import os
 
 import jax
 
-from kd_jax import checkpoint, class_bias, data, models, optim, precision, trainer
+from kd_jax import checkpoint, class_bias, data, experiment, models, trainer
 from kd_jax.distiller import Distiller, Term, supervised
-
-
-def _build(model_name: str, model_kwargs: dict, field: str, num_classes: int, dtype, image_shape,
-           rng):
-  """Creates a model; returns (apply_fn, variables, metadata)."""
-  if not model_name:
-    raise ValueError(f"{field} is empty; choose one of: {', '.join(models.list_models())}")
-  try:
-    module = models.create_model(model_name, num_classes=num_classes, dtype=dtype, **model_kwargs)
-  except (ValueError, TypeError) as e:
-    raise ValueError(f"{field}: {e}") from None
-  params, model_state = models.init_model(module, rng, (1, *image_shape))
-  metadata = {"model": model_name, "model_kwargs": model_kwargs, "num_classes": num_classes,
-              "image_shape": list(image_shape)}
-  return models.make_apply_fn(module), {"params": params, **model_state}, metadata
 
 
 def distill_terms(config) -> list[Term]:
@@ -50,12 +35,6 @@ def distill_terms(config) -> list[Term]:
     raise ValueError(f"distill.terms must be a tuple of term dicts, got {type(terms).__name__}")
   return [Term.from_config(t.to_dict() if hasattr(t, "to_dict") else t, f"distill.terms[{i}]")
           for i, t in enumerate(terms)]
-
-
-def _open(data_config, split: str, data_dir):
-  if data_config.in_memory:
-    return data.ArrayDataSource(*data.load_arrays(data_config.name, split, data_dir))
-  return data.open_source(data_config.name, split, data_dir)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,9 +73,6 @@ def _check(config, num_train: int, num_classes: int) -> None:
     group, key = field.split(".")
     if config[group][key] < 1:
       raise ValueError(f"{field} must be >= 1, got {config[group][key]}")
-  if config.data.batch_size > num_train:
-    raise ValueError(f"data.batch_size={config.data.batch_size} exceeds the {num_train} examples "
-                     f"of {config.data.name}:{config.data.train_split}; lower it")
   if not -1 <= config.student.omit_class < num_classes:
     raise ValueError(f"student.omit_class must be -1 (none) or a class in 0..{num_classes - 1}, "
                      f"got {config.student.omit_class}")
@@ -112,41 +88,11 @@ def _check(config, num_train: int, num_classes: int) -> None:
 def run(config, workdir: str) -> list[dict]:
   """Runs the job described by `config` (see configs/common.py:kd_config) in `workdir`."""
   os.makedirs(workdir, exist_ok=True)
-  dtype = precision.compute_dtype(config.precision)
-  data_dir = config.data.data_dir or None
-  info = data.dataset_info(config.data.name, data_dir)
-  train_source, eval_source = (_open(config.data, split, data_dir)
-                               for split in (config.data.train_split, config.data.eval_split))
-  _check(config, len(train_source), info.num_classes)
+  exp = experiment.Experiment(config)
+  train_source, eval_source = exp.train_source, exp.eval_source
+  _check(config, len(train_source), exp.info.num_classes)
   grid = recipe_grid(config)
-  batch_size = config.data.batch_size
-  image_shape = tuple(info.image_shape)
   omitted = config.student.omit_class
-  process = {"process_index": jax.process_index(), "process_count": jax.process_count()}
-
-  def train_batches(source, seed, crop_padding):
-    augment = data.AugmentConfig(crop_padding=crop_padding, flip=config.data.flip)
-    return lambda start: data.train_batches(
-        source, batch_size=batch_size, seed=seed, start_step=start, augment=augment,
-        mean=info.mean, std=info.std, **process)
-
-  # Rounded up to whole batch shards; the extra rows are padding with mask 0.
-  eval_batch_size = -(-config.data.eval_batch_size // jax.device_count()) * jax.device_count()
-
-  def eval_batches(source):
-    return data.eval_batches(source, batch_size=eval_batch_size, mean=info.mean, std=info.std,
-                             **process)
-
-  def make_tx(learning_rate, num_epochs, num_examples):
-    steps_per_epoch = data.steps_per_epoch(num_examples, batch_size)
-    total = num_epochs * steps_per_epoch
-    o = config.optim
-    schedule = optim.make_schedule(name=o.schedule, learning_rate=learning_rate,
-                                   total_steps=total, steps_per_epoch=steps_per_epoch,
-                                   decay_epochs=o.decay_epochs, decay_rate=o.decay_rate,
-                                   warmup_epochs=o.warmup_epochs)
-    return optim.make_optimizer(name=o.name, schedule=schedule, momentum=o.momentum,
-                                nesterov=o.nesterov, weight_decay=o.weight_decay), total
 
   def labeled_subset(source):
     fraction = config.student.label_fraction
@@ -166,10 +112,10 @@ def run(config, workdir: str) -> list[dict]:
     return labeled_subset(source) if config.teacher.on_label_subset else source
 
   rng_teacher, rng_student = jax.random.split(jax.random.PRNGKey(config.seed))
-  teacher_apply, teacher_init, teacher_meta = _build(
-      config.teacher.model, config.teacher.model_kwargs.to_dict(), "teacher.model", info.num_classes, dtype, image_shape, rng_teacher)
-  student_apply, student_init, student_meta = _build(
-      config.student.model, config.student.model_kwargs.to_dict(), "student.model", info.num_classes, dtype, image_shape, rng_student)
+  teacher_apply, teacher_init, teacher_meta = exp.build(
+      config.teacher.model, config.teacher.model_kwargs.to_dict(), "teacher.model", rng_teacher)
+  student_apply, student_init, student_meta = exp.build(
+      config.student.model, config.student.model_kwargs.to_dict(), "student.model", rng_student)
   terms = distill_terms(config)
   kd_meta = {**student_meta, "teacher": teacher_meta, "terms": [_jsonable(t) for t in terms]}
   arms = {"student_kd": (lambda n: Distiller(student_apply, terms, {"teacher": teacher_apply},
@@ -179,55 +125,48 @@ def run(config, workdir: str) -> list[dict]:
   # Fails at start-up, not after the teacher has trained, on bad taps, shapes or hparams.
   trainer.check_stage(trainer.Stage("student_kd", arms["student_kd"][0](len(train_source)),
                                     {"student": student_init, "teacher": teacher_init}, {},
-                                    make_tx(grid[0].learning_rate, 1, len(train_source))[0], 1),
-                      train_batches(transfer_set(train_source), config.seed, 0), config.seed)
-
-  options = trainer.LoopOptions(seed=config.seed, log_every=config.log.every_steps,
-                                checkpoint_every=config.checkpoint.every_steps,
-                                keep_checkpoints=config.checkpoint.keep,
-                                tensorboard=config.log.tensorboard,
-                                mesh_axes=tuple(map(tuple, config.mesh.axes)),
-                                mesh_rules=tuple(map(tuple, config.mesh.rules)))
+                                    exp.make_tx(grid[0].learning_rate, 1, len(train_source))[0],
+                                    1),
+                      exp.train_batches(transfer_set(train_source), config.seed, 0), config.seed)
+  options = exp.options
 
   def train_teacher(name, source):
     source = teacher_set(source)
-    tx, steps = make_tx(config.optim.learning_rate, config.teacher.num_epochs, len(source))
+    tx, steps = exp.make_tx(config.optim.learning_rate, config.teacher.num_epochs, len(source))
     return trainer.train(trainer.Stage(
         name, supervised(teacher_apply), {"student": teacher_init}, teacher_meta, tx, steps),
-        workdir, train_batches(source, config.seed, config.data.crop_padding), options)
+        workdir, exp.train_batches(source, config.seed, config.data.crop_padding), options)
 
   def train_arm(name, arm, recipe, source, teacher_vars):
     source = transfer_set(source)
     make_method, meta = arms[arm]
-    tx, steps = make_tx(recipe.learning_rate, recipe.num_epochs, len(source))
+    tx, steps = exp.make_tx(recipe.learning_rate, recipe.num_epochs, len(source))
     return trainer.train(trainer.Stage(
         name, make_method(len(source)), {"student": student_init, "teacher": teacher_vars},
         {**meta, "recipe": dataclasses.asdict(recipe)}, tx, steps),
-        workdir, train_batches(source, config.seed + 1, recipe.crop_padding), options)
+        workdir, exp.train_batches(source, config.seed + 1, recipe.crop_padding), options)
 
   chosen = {arm: grid[0] for arm in arms}
   if config.tune.validation_examples:
     chosen = _tune(config, workdir, grid, list(arms), train_source, train_teacher, train_arm,
-                   lambda variables, source: trainer.evaluate(
-                       student_apply, variables, eval_batches(source), options.mesh_axes))
+                   lambda variables, source: exp.evaluate(student_apply, variables, source))
 
   results = []
 
   def finish(name, apply_fn, variables, meta, recipe):
     row = {"stage": name, "model": meta["model"], "recipe": recipe,
            "params": models.count_params(variables["params"]),
-           **trainer.evaluate(apply_fn, variables, eval_batches(eval_source), options.mesh_axes)}
+           **exp.evaluate(apply_fn, variables)}
     results.append(row)
     if omitted < 0:
       return
-    logits, labels = trainer.predict(apply_fn, variables, eval_batches(eval_source),
-                                     options.mesh_axes)
+    logits, labels = trainer.predict(apply_fn, variables, exp.eval_batches(), options.mesh_axes)
     row["omitted_class_accuracy"] = class_bias.accuracy(logits, labels, omitted)
     if name == "teacher":
       return
     # Hinton's correction, fitted on the train split (the student never saw its `omitted` rows).
     bias = class_bias.fit_class_bias(*trainer.predict(
-        apply_fn, variables, eval_batches(train_source), options.mesh_axes), omitted)
+        apply_fn, variables, exp.eval_batches(train_source), options.mesh_axes), omitted)
     shifted = class_bias.with_class_bias(logits, omitted, bias)
     results.append({**row, "stage": f"{name}+bias", "class_bias": bias,
                     "accuracy": class_bias.accuracy(shifted, labels),
