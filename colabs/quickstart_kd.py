@@ -76,7 +76,7 @@ DATA_DIR = os.environ.get("KD_JAX_COLAB_DATA_DIR", "")  # "" = TFDS default, ~/t
 
 # %%
 from configs import digits_kd
-from kd_jax import kd_job, losses, metrics
+from kd_jax import experiment, kd_job, losses, metrics
 
 config = digits_kd.get_config(f"seed={SEED}" + (",runlocal" if SMALL else ""))
 with config.unlocked():
@@ -84,19 +84,21 @@ with config.unlocked():
       "data.data_dir": DATA_DIR,
       "teacher.num_epochs": EPOCHS,
       "student.num_epochs": EPOCHS,
+      "tune.num_epochs": (EPOCHS,),  # each student arm still picks shifts and lr on validation
   })
 print(config.teacher.model, "→", config.student.model)
 print(config.distill)
 
 # %% [markdown]
 # ## Train teacher, baseline student and KD student
-# `kd_job.run` trains the three stages in order, evaluates each on the test split (497 images) and
-# returns one row per stage. The first call prepares the digits set in the TFDS data_dir.
+# `kd_job.run` first picks each student arm's recipe (shifts on/off, learning rate) on a validation
+# split carved from train, then trains the three stages in order, evaluates each on the test split
+# (497 images) and returns one row per stage, with the recipe it used. The first call prepares the digits set in the TFDS data_dir.
 # Every stage writes `WORKDIR/<stage>/metrics.jsonl`, TensorBoard event files and Orbax checkpoints.
 
 # %%
 rows = kd_job.run(config, WORKDIR)
-print(kd_job.format_table(rows))
+print(experiment.format_table(rows))
 
 # %% [markdown]
 # ## Learning curves
@@ -160,7 +162,7 @@ print(dkd_config.distill)
 
 dkd_rows = kd_job.run(dkd_config, WORKDIR + "_dkd")
 rows_all = rows + [{**dkd_rows[-1], "stage": "student_dkd"}]
-print(kd_job.format_table(rows_all))
+print(experiment.format_table(rows_all))
 
 # %% [markdown]
 # ## Test accuracy

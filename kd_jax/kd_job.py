@@ -215,20 +215,3 @@ def _tune(config, workdir, grid, arms, train_source, train_teacher, train_arm, e
 def _jsonable(term: Term) -> dict:
   """A term as plain JSON (checkpoint metadata): tuples become lists."""
   return json.loads(json.dumps(dataclasses.asdict(term), default=list))
-
-
-def format_table(rows: list[dict]) -> str:
-  """The comparison table the job prints: each row's recipe, and with an omitted class its
-  accuracy on that class (and the fitted bias of the `+bias` rows)."""
-  omitted = "omitted_class_accuracy" in rows[0]
-  header = f"{'stage':<22} {'model':<20} {'params':>8} {'test acc':>9}"
-  header += f" {'omitted':>8} {'bias':>5}" if omitted else ""
-  lines = [header + "  recipe (chosen on validation)", "-" * (len(header) + 31)]
-  for r in rows:
-    line = f"{r['stage']:<22} {r['model']:<20} {r['params']:>8,} {100 * r['accuracy']:>8.2f}%"
-    if omitted:
-      bias = f"{r['class_bias']:>5.2f}" if "class_bias" in r else " " * 5
-      line += f" {100 * r['omitted_class_accuracy']:>7.2f}% {bias}"
-    lines.append(f"{line}  {r['recipe']}")
-  return "\n".join(lines)
-

@@ -163,6 +163,19 @@ def init_state(stage: Stage, example_batch: dict, seed: int):
   return step_lib.TrainState.create(tx, *jax.tree.map(jnp.array, (trainable, frozen, extra))), tx
 
 
+def final_state(stage: Stage, workdir: str, example_batch: dict,
+                seed: int = 0) -> step_lib.TrainState:
+  """The latest checkpoint of `stage` in `workdir`, restored into the stage's state structure
+  (what a checkpoint holds: fixed frozen networks are absent) as host numpy arrays. For methods
+  that train several networks, whose variables `train`'s return value does not include."""
+  template, _ = init_state(stage, example_batch, seed)
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, stage.name, "checkpoints"), stage.metadata)
+  try:
+    return jax.device_get(ckpt.restore(checkpointed(template, stage.method)))
+  finally:
+    ckpt.close()
+
+
 def check_stage(stage: Stage, train_batches: Callable[[int], Iterator[dict]], seed: int) -> None:
   """Builds the stage's state and traces its step on abstract values, so bad taps, shapes or
   hyperparameters fail at start-up with the term's name, before anything trains."""

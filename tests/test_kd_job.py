@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from configs import digits_kd
-from kd_jax import checkpoint, kd_job, metrics
+from kd_jax import checkpoint, experiment, kd_job, metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -41,7 +41,7 @@ def test_job_writes_table_metrics_tensorboard_and_checkpoints(finished_run):
     events = os.listdir(os.path.join(workdir, stage, "tensorboard"))
     assert any(name.startswith("events.out.tfevents") for name in events)
   assert "terms/kd" in records[-1] and "terms/ce" in records[-1]
-  table = kd_job.format_table(rows)
+  table = experiment.format_table(rows)
   assert "student_kd" in table and "%" in table
 
 
@@ -224,7 +224,7 @@ def test_omitted_class_and_label_fraction_shape_the_transfer_sets(digits_data_di
   for plain, corrected in (rows[1:3], rows[3:5]):
     assert corrected["class_bias"] >= 0
     assert corrected["omitted_class_accuracy"] >= plain["omitted_class_accuracy"]
-  assert "omitted" in kd_job.format_table(rows)
+  assert "omitted" in experiment.format_table(rows)
 
 
 @pytest.mark.parametrize("key,value,message", [

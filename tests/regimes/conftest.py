@@ -1,13 +1,12 @@
 """Shared pieces of the regime tests: tiny digits models, batches, and a kill-and-resume check
 through `trainer.train`."""
 import functools
-import os
 
 import chex
 import jax
 import pytest
 
-from kd_jax import checkpoint, data, models, trainer
+from kd_jax import data, models, trainer
 
 BATCH = 16
 
@@ -43,13 +42,7 @@ def batches(train_batches):
 
 
 def _final_state(stage: trainer.Stage, workdir: str, train_batches):
-  """The latest checkpoint of `stage` in `workdir`, restored into the stage's state structure."""
-  template, _ = trainer.init_state(stage, next(train_batches(0)), seed=0)
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, stage.name, "checkpoints"), stage.metadata)
-  try:
-    return ckpt.restore(trainer.checkpointed(template, stage.method))
-  finally:
-    ckpt.close()
+  return trainer.final_state(stage, workdir, next(train_batches(0)))
 
 
 @pytest.fixture

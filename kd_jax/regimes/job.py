@@ -1,0 +1,192 @@
+"""The regimes job: each teacher–student regime of `kd_jax.regimes`, a config away.
+
+`run(config, workdir)` reads `config.regime.name` and trains, on the general step through
+`kd_jax.trainer` (every stage resumable, checkpointed and logged like the KD job's):
+
+- `multi_teacher`: each of `regime.teachers` (stage `teacher_<name>`, or restored from its
+  `checkpoint`), then the student from all of them (MEAL V2 averaging; `regime.balance =
+  "mtard"` adapts weights and temperatures in the step);
+- `mutual`: the student and `regime.peers` trained together (DML; `regime.compact` names the
+  network trained with BD-KD's balanced divergence);
+- `born_again`: generations of the student, generation k teaching k + 1, with ground-truth
+  weights `regime.gt_weights`;
+- `uskd`: the student alone with USKD's teacher-free soft labels on its feature `regime.feature`;
+- `tgeo`: the teacher (`config.teacher`), then the student with TGeo-KD's per-example fusion,
+  the fusion network fitted to the last `regime.heldout_examples` train examples;
+
+and, unless `student.baseline` is off, the student alone with cross-entropy on the same data
+and recipe (`student_baseline`). Returns one row per evaluated network (test accuracy), the
+same rows `experiment.format_table` prints for the KD job.
+"""
+import os
+
+import jax
+
+from kd_jax import checkpoint, data, experiment, models, trainer
+from kd_jax.distiller import Term, supervised
+from kd_jax.regimes import multi_teacher, mutual, self_distill, tgeo
+
+
+class _Run:
+  """One regimes run: the experiment, the student, its recipe, and the rows evaluated so far."""
+
+  def __init__(self, config, workdir: str):
+    self.config, self.workdir = config, workdir
+    self.exp = experiment.Experiment(config)
+    self.options = self.exp.options
+    self.rng = jax.random.PRNGKey(config.seed)
+    apply_fn, variables, self.student_meta = self.build(config.student, "student")
+    self.student = (apply_fn, variables)
+    self.rows = []
+
+  def build(self, model_config, field: str):
+    """`(apply_fn, variables, metadata)` of `model_config.model`/`model_kwargs`."""
+    self.rng, rng = jax.random.split(self.rng)
+    kwargs = model_config.model_kwargs
+    return self.exp.build(model_config.model, kwargs.to_dict() if hasattr(kwargs, "to_dict")
+                          else dict(kwargs), f"{field}.model", rng)
+
+  def recipe(self, crop_padding: int, num_epochs: int) -> str:
+    shifts = f"shift ±{crop_padding}" if crop_padding else "no shift"
+    return f"{shifts}, lr {self.config.optim.learning_rate:g}, {num_epochs} ep"
+
+  def student_tx(self, num_examples: int):
+    return self.exp.make_tx(self.config.optim.learning_rate, self.config.student.num_epochs,
+                            num_examples)
+
+  def student_batches(self, source=None):
+    return self.exp.train_batches(self.exp.train_source if source is None else source,
+                                  self.config.seed + 1, self.config.data.crop_padding)
+
+  def add_row(self, stage: str, apply_fn, variables, metadata: dict, recipe: str | None = None):
+    self.rows.append({"stage": stage, "model": metadata["model"],
+                      "recipe": recipe or self.recipe(self.config.data.crop_padding,
+                                                      self.config.student.num_epochs),
+                      "params": models.count_params(variables["params"]),
+                      **self.exp.evaluate(apply_fn, variables)})
+
+  def train(self, stage: trainer.Stage, batches=None) -> dict:
+    return trainer.train(stage, self.workdir, batches or self.student_batches(), self.options)
+
+  def teacher(self, name: str, teacher_config, field: str):
+    """A teacher trained as stage `name` (or restored from `teacher_config.checkpoint`) and
+    its row; returns `(apply_fn, variables)`."""
+    apply_fn, variables, meta = self.build(teacher_config, field)
+    crop = self.config.regime.teacher_crop_padding
+    if teacher_config.get("checkpoint"):
+      variables = checkpoint.restore_variables(teacher_config.checkpoint, meta, variables)
+      recipe = f"restored from {teacher_config.checkpoint}"
+    else:
+      tx, steps = self.exp.make_tx(self.config.optim.learning_rate, self.config.teacher.num_epochs,
+                                   len(self.exp.train_source))
+      variables = self.train(trainer.Stage(name, supervised(apply_fn), {"student": variables},
+                                           meta, tx, steps),
+                             self.exp.train_batches(self.exp.train_source, self.config.seed, crop))
+      recipe = self.recipe(crop, self.config.teacher.num_epochs)
+    self.add_row(name, apply_fn, variables, meta, recipe)
+    return apply_fn, variables
+
+  def final_state(self, stage: trainer.Stage, batches):
+    return trainer.final_state(stage, self.workdir, next(batches(0)), self.config.seed)
+
+
+def _multi_teacher(run: _Run):
+  r = run.config.regime
+  if not r.teachers:
+    raise ValueError("regime.teachers is empty; give at least one {name: {model, model_kwargs, "
+                     "checkpoint}}, e.g. the digits CNN teacher")
+  if r.balance not in ("none", "mtard"):
+    raise ValueError(f"regime.balance={r.balance!r} is unknown; valid: none, mtard")
+  teachers = {name: run.teacher(f"teacher_{name}", t, f"regime.teachers.{name}")
+              for name, t in r.teachers.items()}
+  balance = multi_teacher.MTARDBalance() if r.balance == "mtard" else None
+  tx, steps = run.student_tx(len(run.exp.train_source))
+  variables = run.train(multi_teacher.stage(
+      "student_multi_teacher", run.student, teachers, tx=tx, num_steps=steps,
+      metadata=run.student_meta, balance=balance, temperature=r.temperature,
+      kd_weight=r.kd_weight, terms=(Term("ce", weight=r.ce_weight),)))
+  run.add_row("student_multi_teacher", run.student[0], variables, run.student_meta)
+
+
+def _mutual(run: _Run):
+  r = run.config.regime
+  if not r.peers:
+    raise ValueError("regime.peers is empty; give at least one {name: {model, model_kwargs}} to "
+                     "train with the student")
+  networks = {"student": run.student}
+  for name, peer in r.peers.items():
+    apply_fn, variables, _ = run.build(peer, f"regime.peers.{name}")
+    networks[name] = (apply_fn, variables)
+  tx, steps = run.student_tx(len(run.exp.train_source))
+  stage = mutual.stage("mutual", networks, tx=tx, num_steps=steps, metadata=run.student_meta,
+                       temperature=r.temperature, compact=r.compact or None)
+  run.train(stage)
+  state = run.final_state(stage, run.student_batches())
+  for name, (apply_fn, _) in networks.items():
+    variables = mutual.network_variables(state, name)
+    run.add_row(f"mutual/{name}", apply_fn, variables,
+                {"model": r.peers[name].model if name != "student" else run.student_meta["model"]})
+
+
+def _born_again(run: _Run):
+  r = run.config.regime
+  tx, steps = run.student_tx(len(run.exp.train_source))
+  stages = self_distill.generations(run.student, r.gt_weights, tx=tx, num_steps=steps,
+                                    temperature=r.temperature, metadata=run.student_meta)
+  for stage, variables in zip(stages, self_distill.train_generations(
+      stages, run.workdir, run.student_batches(), run.options)):
+    run.add_row(stage.name, run.student[0], variables, run.student_meta)
+
+
+def _uskd(run: _Run):
+  r = run.config.regime
+  tx, steps = run.student_tx(len(run.exp.train_source))
+  variables = run.train(self_distill.uskd_stage("student_uskd", run.student, feature=r.feature,
+                                                tx=tx, num_steps=steps,
+                                                metadata=run.student_meta))
+  run.add_row("student_uskd", run.student[0], variables, run.student_meta)
+
+
+def _tgeo(run: _Run):
+  r = run.config.regime
+  teacher = run.teacher("teacher", run.config.teacher, "teacher")
+  source = run.exp.train_source
+  n = len(source) - r.heldout_examples
+  if not run.config.data.batch_size <= r.heldout_examples <= len(source) - run.config.data.batch_size:
+    raise ValueError(f"regime.heldout_examples={r.heldout_examples} must leave at least one batch "
+                     f"on each side of the {len(source)} train examples")
+  fit, heldout = data.subset(source, range(n)), data.subset(source, range(n, len(source)))
+  fit_batches = run.student_batches(fit)
+  heldout_batches = run.exp.train_batches(heldout, run.config.seed + 2, 0)
+
+  def batches(start):
+    return map(tgeo.attach_heldout, fit_batches(start), heldout_batches(start))
+
+  tx, steps = run.student_tx(n)
+  variables = run.train(tgeo.stage("student_tgeo", run.student, teacher, tx=tx, num_steps=steps,
+                                   metadata=run.student_meta, lookahead_lr=r.lookahead_lr,
+                                   temperature=r.temperature), batches)
+  run.add_row("student_tgeo", run.student[0], variables, run.student_meta)
+
+
+REGIMES = {"multi_teacher": _multi_teacher, "mutual": _mutual, "born_again": _born_again,
+           "uskd": _uskd, "tgeo": _tgeo}
+
+
+def run(config, workdir: str) -> list[dict]:
+  """Runs `config.regime.name` (see the module docstring) in `workdir`; returns its rows."""
+  if config.regime.name not in REGIMES:
+    raise ValueError(f"regime.name={config.regime.name!r} is unknown; valid: "
+                     f"{', '.join(REGIMES)}")
+  os.makedirs(workdir, exist_ok=True)
+  run_ = _Run(config, workdir)
+  if config.student.baseline:
+    tx, steps = run_.student_tx(len(run_.exp.train_source))
+    variables = run_.train(trainer.Stage("student_baseline", supervised(run_.student[0]),
+                                         {"student": run_.student[1]}, run_.student_meta, tx,
+                                         steps))
+    run_.add_row("student_baseline", run_.student[0], variables, run_.student_meta)
+  REGIMES[config.regime.name](run_)
+  if jax.process_index() == 0:
+    checkpoint.atomic_write_json(os.path.join(workdir, "results.json"), run_.rows)
+  return run_.rows
