@@ -9,10 +9,10 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_job(workdir: str, arg: str, *overrides: str) -> list[dict]:
-  """`python -m kd_jax.main --config=configs/digits_kd.py:ARG --workdir=WORKDIR OVERRIDES`;
+def run_job(workdir: str, arg: str, *overrides: str, config: str = "digits_kd") -> list[dict]:
+  """`python -m kd_jax.main --config=configs/CONFIG.py:ARG --workdir=WORKDIR OVERRIDES`;
   returns its results.json rows (a finished workdir is restored, not retrained)."""
-  command = [sys.executable, "-m", "kd_jax.main", f"--config=configs/digits_kd.py:{arg}",
+  command = [sys.executable, "-m", "kd_jax.main", f"--config=configs/{config}.py:{arg}",
              f"--workdir={workdir}", *overrides]
   print("$", " ".join(command[1:]), flush=True)
   subprocess.run(command, cwd=ROOT, check=True, stdout=subprocess.DEVNULL,

@@ -31,6 +31,14 @@ REGIMES = {
     "born_again": {"gt_weights": (1.0, 0.5, 0.5), "temperature": 1.0},
     "uskd": {"feature": "stage1"},
     "tgeo": {"heldout_examples": 300, "lookahead_lr": 0.05, "temperature": 4.0},
+    # 10% of train labeled; FixMatch's τ = 0.95, Tarvainen's EMA 0.99 with his momentum ramp,
+    # the unlabeled weight ramped up over the first 40% of the steps.
+    "mean_teacher": {"labeled_fraction": 0.1, "unlabeled_batch_size": 128, "decay": 0.99,
+                     "momentum_warmup": 0.0, "threshold": 0.95, "low_threshold": -1.0,
+                     "score_weighting": False, "unlabeled_weight": 1.0, "rampup_fraction": 0.4},
+    # DINO on the MLP's hidden layer; probes fit on 10% of the train labels.
+    "label_free": {"tap": "stage1", "out_dim": 256, "hidden_dim": 256, "bottleneck_dim": 64,
+                   "momentum": 0.99, "strategy": "crop_scale", "probe_fraction": 0.1},
 }
 # Config names that select another regime with other settings.
 _RUNS = {"mtard": "multi_teacher", "bdkd": "mutual"}

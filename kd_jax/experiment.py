@@ -93,11 +93,11 @@ def format_table(rows: list[dict]) -> str:
   """The table a job prints: each row's stage, model, size, test accuracy and recipe; with an
   omitted class (KD job) also the accuracy on that class and the `+bias` rows' fitted bias."""
   omitted = "omitted_class_accuracy" in rows[0]
-  header = f"{'stage':<22} {'model':<20} {'params':>8} {'test acc':>9}"
+  header = f"{'stage':<28} {'model':<20} {'params':>8} {'test acc':>9}"
   header += f" {'omitted':>8} {'bias':>5}" if omitted else ""
   lines = [header + "  recipe", "-" * (len(header) + 31)]
   for r in rows:
-    line = f"{r['stage']:<22} {r['model']:<20} {r['params']:>8,} {100 * r['accuracy']:>8.2f}%"
+    line = f"{r['stage']:<28} {r['model']:<20} {r['params']:>8,} {100 * r['accuracy']:>8.2f}%"
     if omitted:
       bias = f"{r['class_bias']:>5.2f}" if "class_bias" in r else " " * 5
       line += f" {100 * r['omitted_class_accuracy']:>7.2f}% {bias}"

@@ -13,6 +13,13 @@
 - `uskd`: the student alone with USKD's teacher-free soft labels on its feature `regime.feature`;
 - `tgeo`: the teacher (`config.teacher`), then the student with TGeo-KD's per-example fusion,
   the fusion network fitted to the last `regime.heldout_examples` train examples;
+- `mean_teacher`: a stratified `regime.labeled_fraction` of train keeps its labels, the rest is
+  unlabeled; the student learns from both with its EMA teacher's pseudo-labels, and is compared
+  with the same student trained on the labeled part alone (`student_labeled_only`), for the
+  same number of steps;
+- `label_free`: the student network pre-trained on the train images without labels (DINO-style
+  EMA teacher), then linear probes (ridge, on `regime.probe_fraction` of the train labels) of
+  the random-init, the pre-trained student and the teacher backbones;
 
 and, unless `student.baseline` is off, the student alone with cross-entropy on the same data
 and recipe (`student_baseline`). Returns one row per evaluated network (test accuracy), the
@@ -21,10 +28,11 @@ same rows `experiment.format_table` prints for the KD job.
 import os
 
 import jax
+import numpy as np
 
 from kd_jax import checkpoint, data, experiment, models, trainer
 from kd_jax.distiller import Term, supervised
-from kd_jax.regimes import multi_teacher, mutual, self_distill, tgeo
+from kd_jax.regimes import label_free, mean_teacher, multi_teacher, mutual, self_distill, tgeo
 
 
 class _Run:
@@ -169,8 +177,70 @@ def _tgeo(run: _Run):
   run.add_row("student_tgeo", run.student[0], variables, run.student_meta)
 
 
+def _train_arrays(run: _Run) -> tuple[np.ndarray, np.ndarray]:
+  source = run.exp.train_source
+  return (source.images, source.labels) if isinstance(source, data.ArrayDataSource) else (
+      data.gather(source, np.arange(len(source))))
+
+
+def _mean_teacher(run: _Run):
+  r = run.config.regime
+  images, labels = _train_arrays(run)
+  tx, steps = run.student_tx(len(images))  # as many steps as the student alone on all labels
+  labeled, _ = mean_teacher.split_labeled(labels, r.labeled_fraction, seed=run.config.seed)
+  if len(labeled) < run.config.data.batch_size:
+    raise ValueError(f"regime.labeled_fraction={r.labeled_fraction} keeps {len(labeled)} labeled "
+                     f"examples, fewer than data.batch_size={run.config.data.batch_size}")
+  labeled_only = run.train(
+      trainer.Stage("student_labeled_only", supervised(run.student[0]),
+                    {"student": run.student[1]}, run.student_meta, tx, steps),
+      run.student_batches(data.subset(run.exp.train_source, labeled)))
+  run.add_row("student_labeled_only", run.student[0], labeled_only, run.student_meta)
+  batches = mean_teacher.semi_supervised_batches(
+      images, labels, labeled_fraction=r.labeled_fraction, batch_size=run.config.data.batch_size,
+      unlabeled_batch_size=r.unlabeled_batch_size, seed=run.config.seed,
+      augment=data.AugmentConfig(crop_padding=run.config.data.crop_padding), mean=run.exp.info.mean,
+      std=run.exp.info.std, **run.exp.process)
+  stage = mean_teacher.stage(
+      "mean_teacher", run.student, tx=tx, num_steps=steps, metadata=run.student_meta,
+      decay=r.decay, momentum_warmup=r.momentum_warmup, threshold=r.threshold,
+      low_threshold=r.low_threshold if r.low_threshold >= 0 else None,
+      score_weighting=r.score_weighting, unlabeled_weight=r.unlabeled_weight,
+      rampup_steps=int(r.rampup_fraction * steps))
+  variables = run.train(stage, batches)
+  run.add_row("mean_teacher/student", run.student[0], variables, run.student_meta)
+  run.add_row("mean_teacher/teacher", run.student[0], mean_teacher.teacher_variables(
+      run.final_state(stage, batches)), run.student_meta)
+
+
+def _label_free(run: _Run):
+  r = run.config.regime
+  tx, steps = run.student_tx(len(run.exp.train_source))
+  stage = label_free.stage("label_free", run.student, tx=tx, num_steps=steps,
+                           metadata=run.student_meta, tap=r.tap, out_dim=r.out_dim,
+                           hidden_dim=r.hidden_dim, bottleneck_dim=r.bottleneck_dim,
+                           momentum=r.momentum, strategy=r.strategy)
+  variables = run.train(stage)
+  teacher = label_free.teacher_backbone(run.final_state(stage, run.student_batches()))
+  images, labels = _train_arrays(run)
+  probe_rows = data.stratified_fraction(labels, r.probe_fraction, run.config.seed)
+  normalize = lambda x: data.normalize(x, run.exp.info.mean, run.exp.info.std)  # noqa: E731
+  train = (normalize(images[probe_rows]), labels[probe_rows])
+  test_images, test_labels = data.gather(run.exp.eval_source, np.arange(len(run.exp.eval_source)))
+  test = (normalize(test_images), test_labels)
+  for name, backbone in (("random_init", run.student[1]), ("student", variables),
+                         ("teacher", teacher)):
+    features = jax.jit(lambda x, v=backbone: run.student[0](v, x, train=False)[0].features[r.tap])
+    accuracy = label_free.linear_probe(features, train, test)
+    run.rows.append({"stage": f"label_free/probe_{name}", "model": run.student_meta["model"],
+                     "recipe": f"ridge probe on {100 * r.probe_fraction:g}% of train labels",
+                     "params": models.count_params(backbone["params"]), "accuracy": accuracy,
+                     "count": len(test_labels)})
+
+
 REGIMES = {"multi_teacher": _multi_teacher, "mutual": _mutual, "born_again": _born_again,
-           "uskd": _uskd, "tgeo": _tgeo}
+           "uskd": _uskd, "tgeo": _tgeo, "mean_teacher": _mean_teacher,
+           "label_free": _label_free}
 
 
 def run(config, workdir: str) -> list[dict]:

@@ -19,6 +19,9 @@ STAGES = {
     "born_again": ["born_again/gen_0", "born_again/gen_1", "born_again/gen_2"],
     "uskd": ["student_uskd"],
     "tgeo": ["teacher", "student_tgeo"],
+    "mean_teacher": ["student_labeled_only", "mean_teacher/student", "mean_teacher/teacher"],
+    "label_free": ["label_free/probe_random_init", "label_free/probe_student",
+                   "label_free/probe_teacher"],
 }
 
 
@@ -42,8 +45,9 @@ def test_regime_runs_from_its_runlocal_config(regime, digits_data_dir, tmp_path)
   assert all(r["count"] == 497 and 0 <= r["accuracy"] <= 1 for r in rows)
   assert json.load(open(tmp_path / "results.json")) == rows
   assert rows[-1]["stage"] in experiment.format_table(rows)
-  # The regime's own stage directory (mutual: one stage trains both networks).
-  stage_dir = "mutual" if regime in ("mutual", "bdkd") else STAGES[regime][-1]
+  # The regime's own stage directory (one stage trains both networks of mutual, mean_teacher).
+  stage_dir = {"mutual": "mutual", "bdkd": "mutual", "mean_teacher": "mean_teacher",
+               "label_free": "label_free"}.get(regime, STAGES[regime][-1])
   record = metrics.read_jsonl(os.path.join(tmp_path, stage_dir, "metrics.jsonl"))[-1]
   assert record["step"] == 20 - 5 * (regime == "tgeo") and np.isfinite(record["train/loss"])
 
@@ -55,6 +59,9 @@ def test_regime_runs_from_its_runlocal_config(regime, digits_data_dir, tmp_path)
     ("born_again", "regime.gt_weights", (1.0, 1.5), r"gt_weights\[1\] must be in \[0, 1\]"),
     ("tgeo", "regime.heldout_examples", 5, r"regime.heldout_examples=5 must leave"),
     ("uskd", "regime.name", "selfkd", r"regime.name='selfkd' is unknown"),
+    ("mean_teacher", "regime.labeled_fraction", 0.0, r"labeled_fraction must be in \(0, 1\]"),
+    ("mean_teacher", "regime.decay", 1.0, r"decay must be in \[0, 1\)"),
+    ("label_free", "regime.momentum", 1.5, r"momentum must be in \[0, 1\)"),
 ])
 def test_bad_regime_fields_fail_with_the_field(regime, key, value, message, digits_data_dir,
                                                tmp_path):
