@@ -23,7 +23,8 @@ import results_log  # noqa: E402
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/digits_regimes", "Where runs are written.")
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds.")
 _REGIMES = flags.DEFINE_list(
-    "regimes", ["multi_teacher", "mtard", "mutual", "bdkd", "born_again", "uskd", "tgeo"],
+    "regimes", ["multi_teacher", "mtard", "mutual", "bdkd", "born_again", "uskd", "tgeo",
+                "mean_teacher", "label_free"],
     "configs/digits_regimes.py entries, one or more rows each.")
 _TEACHER_ROOT = flags.DEFINE_string(
     "teacher_root", "/tmp/digits_experiments/headline",

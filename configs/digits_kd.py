@@ -78,7 +78,7 @@ TERMS = {
 }
 PAIRS = {
     "mlp": ("digits_cnn_teacher", {}, "mlp", {"hidden_sizes": (64,)}),
-    "cnn": ("digits_cnn_teacher", {}, "digits_cnn_student", {}),
+    "cnn": ("digits_cnn_teacher", {}, "digits_cnn_student", {"widths": (16, 32)}),
     "vit": ("vit_tiny", {"patch_size": 2, "hidden_dim": 32, "depth": 3, "num_heads": 2,
                          "mlp_dim": 64},
             "vit_tiny", {"patch_size": 2, "hidden_dim": 16, "depth": 2, "num_heads": 2,
