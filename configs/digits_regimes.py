@@ -18,10 +18,13 @@ _CNN = {"model": "digits_cnn_teacher", "model_kwargs": {}, "checkpoint": ""}
 _MLP_WIDE = {"model": "mlp", "model_kwargs": {"hidden_sizes": (256, 256)}, "checkpoint": ""}
 REGIMES = {
     # MEAL V2 averaging of a CNN and a wide MLP (T=1, KD only, as MEAL V2); mtard: balanced.
+    # weights: per teacher, () = equal; discriminator_weight > 0 adds MEAL V2's discriminator.
     "multi_teacher": {"teachers": {"cnn": _CNN, "mlp": _MLP_WIDE}, "balance": "none",
-                      "temperature": 1.0, "kd_weight": 1.0, "ce_weight": 0.0},
-    "mtard": {"teachers": {"cnn": _CNN, "mlp": _MLP_WIDE}, "balance": "mtard",
-              "temperature": 1.0, "kd_weight": 1.0, "ce_weight": 0.0},
+                      "weights": (), "discriminator_weight": 0.0, "temperature": 1.0,
+                      "kd_weight": 1.0, "ce_weight": 0.0},
+    "mtard": {"teachers": {"cnn": _CNN, "mlp": _MLP_WIDE}, "balance": "mtard", "weights": (),
+              "discriminator_weight": 0.0, "temperature": 1.0, "kd_weight": 1.0,
+              "ce_weight": 0.0},
     # DML between the MLP student and a CNN peer (T=1); bdkd: the student's divergence is BD-KD's.
     "mutual": {"peers": {"peer": {"model": "digits_cnn_student", "model_kwargs": {}}},
                "compact": "", "temperature": 1.0},

@@ -4,8 +4,9 @@
 `kd_jax.trainer` (every stage resumable, checkpointed and logged like the KD job's):
 
 - `multi_teacher`: each of `regime.teachers` (stage `teacher_<name>`, or restored from its
-  `checkpoint`), then the student from all of them (MEAL V2 averaging; `regime.balance =
-  "mtard"` adapts weights and temperatures in the step);
+  `checkpoint`), then the student from all of them (MEAL V2 averaging with `regime.weights`,
+  equal if empty; `regime.discriminator_weight` > 0 adds MEAL V2's discriminator; `regime.balance
+  = "mtard"` adapts weights and temperatures in the step);
 - `mutual`: the student and `regime.peers` trained together (DML; `regime.compact` names the
   network trained with BD-KD's balanced divergence);
 - `born_again`: generations of the student, generation k teaching k + 1, with ground-truth
@@ -108,11 +109,15 @@ def _multi_teacher(run: _Run):
   teachers = {name: run.teacher(f"teacher_{name}", t, f"regime.teachers.{name}")
               for name, t in r.teachers.items()}
   balance = multi_teacher.MTARDBalance() if r.balance == "mtard" else None
+  terms = [Term("ce", weight=r.ce_weight)]
+  if r.discriminator_weight:  # MEAL V2's discriminator on the teachers' mean logits
+    terms.append(Term("meal_v2_discriminator", weight=r.discriminator_weight,
+                      teacher_name=tuple(teachers)))
   tx, steps = run.student_tx(len(run.exp.train_source))
   variables = run.train(multi_teacher.stage(
       "student_multi_teacher", run.student, teachers, tx=tx, num_steps=steps,
       metadata=run.student_meta, balance=balance, temperature=r.temperature,
-      kd_weight=r.kd_weight, terms=(Term("ce", weight=r.ce_weight),)))
+      kd_weight=r.kd_weight, weights=r.weights or None, terms=terms))
   run.add_row("student_multi_teacher", run.student[0], variables, run.student_meta)
 
 

@@ -52,9 +52,24 @@ def test_regime_runs_from_its_runlocal_config(regime, digits_data_dir, tmp_path)
   assert record["step"] == 20 - 5 * (regime == "tgeo") and np.isfinite(record["train/loss"])
 
 
+def test_multi_teacher_with_weights_and_meal_v2_discriminator(digits_data_dir, tmp_path):
+  """Per-teacher weights and the discriminator (an ascending part) from the config."""
+  config = _config(digits_data_dir, "multi_teacher", **{"student.baseline": False,
+                                                        "regime.discriminator_weight": 0.5})
+  with config.unlocked():
+    config.regime.weights = (3.0, 1.0)
+  rows = job.run(config, str(tmp_path))
+  assert rows[-1]["stage"] == "student_multi_teacher"
+  record = metrics.read_jsonl(os.path.join(tmp_path, "student_multi_teacher",
+                                           "metrics.jsonl"))[-1]
+  assert {"terms/kd_cnn", "terms/kd_mlp", "terms/meal_v2_discriminator"} <= set(record)
+  assert all(np.isfinite(record[k]) for k in record)
+
+
 @pytest.mark.parametrize("regime,key,value,message", [
     ("multi_teacher", "regime.teachers", {}, r"regime.teachers is empty"),
     ("multi_teacher", "regime.balance", "mtrd", r"regime.balance='mtrd' is unknown"),
+    ("multi_teacher", "regime.weights", (1.0,), r"weights must be 2 non-negative numbers"),
     ("mutual", "regime.peers", {}, r"regime.peers is empty"),
     ("born_again", "regime.gt_weights", (1.0, 1.5), r"gt_weights\[1\] must be in \[0, 1\]"),
     ("tgeo", "regime.heldout_examples", 5, r"regime.heldout_examples=5 must leave"),
