@@ -14,7 +14,10 @@ Nothing is chosen on the test set. On the validation split (train[:1000] / train
   uses the pair whose KD student scores higher;
 - each row's weight scale (`scale=S`: the weights of its terms other than CE and KD, whose
   defaults follow RepDistiller's CIFAR-100 values, are multiplied by S) is picked from
-  `--scales`, the best mean validation accuracy (ties go to the scale listed first).
+  `--scales`, the best mean validation accuracy (ties go to the scale listed first); a row given
+  as `terms@S` keeps the scale S chosen earlier, and with every row so given this step is skipped;
+- in every test-phase run, the KD job itself picks each student arm's recipe (shifts, learning
+  rate, epochs) on train[1000:] (configs/digits_kd.py `TUNE`).
 """
 import os
 import sys
@@ -72,13 +75,15 @@ def main(_):
     pair = max(scores, key=scores.get)
     print(f"chosen on validation: pair={pair} (KD student validation accuracy "
           f"{ {k: round(100 * v, 2) for k, v in scores.items()} })\n", flush=True)
-  tuned = [f"{row}@{scale}" for row in _ROWS.value[1:] for scale in _SCALES.value]
-  acc = _accuracies(pair, _ROWS.value[:1] + tuned, ",validate", _TUNE_SEEDS.value)
-  print(f"validation (train[1000:]), pair={pair}, weight scales:\n"
-        f"{digits_runs.markdown_table(acc, _TUNE_SEEDS.value)}\n", flush=True)
-  scales = {row: max(_SCALES.value, key=lambda scale: np.mean(acc[f"{row}@{scale}"]))
-            for row in _ROWS.value[1:]}
-  print(f"chosen scales: {scales}\n", flush=True)
+  scales = {}
+  if not all("@" in row for row in _ROWS.value[1:]):  # `row@S`: S already chosen on validation
+    tuned = [f"{row}@{scale}" for row in _ROWS.value[1:] for scale in _SCALES.value]
+    acc = _accuracies(pair, _ROWS.value[:1] + tuned, ",validate", _TUNE_SEEDS.value)
+    print(f"validation (train[1000:]), pair={pair}, weight scales:\n"
+          f"{digits_runs.markdown_table(acc, _TUNE_SEEDS.value)}\n", flush=True)
+    scales = {row: max(_SCALES.value, key=lambda scale: np.mean(acc[f"{row}@{scale}"]))
+              for row in _ROWS.value[1:]}
+    print(f"chosen scales: {scales}\n", flush=True)
   acc = _accuracies(pair, _ROWS.value, "", _SEEDS.value, scales)
   print(f"test accuracy (497 test images), pair={pair}, seeds {_SEEDS.value}:\n"
         f"{digits_runs.markdown_table(acc, _SEEDS.value)}")
