@@ -106,18 +106,20 @@ def _multi_teacher(run: _Run):
                      "checkpoint}}, e.g. the digits CNN teacher")
   if r.balance not in ("none", "mtard"):
     raise ValueError(f"regime.balance={r.balance!r} is unknown; valid: none, mtard")
-  teachers = {name: run.teacher(f"teacher_{name}", t, f"regime.teachers.{name}")
-              for name, t in r.teachers.items()}
-  balance = multi_teacher.MTARDBalance() if r.balance == "mtard" else None
   terms = [Term("ce", weight=r.ce_weight)]
   if r.discriminator_weight:  # MEAL V2's discriminator on the teachers' mean logits
     terms.append(Term("meal_v2_discriminator", weight=r.discriminator_weight,
-                      teacher_name=tuple(teachers)))
+                      teacher_name=tuple(r.teachers)))
+  settings = dict(balance=multi_teacher.MTARDBalance() if r.balance == "mtard" else None,
+                  temperature=r.temperature, kd_weight=r.kd_weight, weights=r.weights or None,
+                  terms=terms)
+  multi_teacher.MultiTeacher(run.student[0], dict.fromkeys(r.teachers), **settings)  # checks
+  teachers = {name: run.teacher(f"teacher_{name}", t, f"regime.teachers.{name}")
+              for name, t in r.teachers.items()}
   tx, steps = run.student_tx(len(run.exp.train_source))
   variables = run.train(multi_teacher.stage(
       "student_multi_teacher", run.student, teachers, tx=tx, num_steps=steps,
-      metadata=run.student_meta, balance=balance, temperature=r.temperature,
-      kd_weight=r.kd_weight, weights=r.weights or None, terms=terms))
+      metadata=run.student_meta, **settings))
   run.add_row("student_multi_teacher", run.student[0], variables, run.student_meta)
 
 
@@ -162,12 +164,12 @@ def _uskd(run: _Run):
 
 def _tgeo(run: _Run):
   r = run.config.regime
-  teacher = run.teacher("teacher", run.config.teacher, "teacher")
   source = run.exp.train_source
   n = len(source) - r.heldout_examples
   if not run.config.data.batch_size <= r.heldout_examples <= len(source) - run.config.data.batch_size:
     raise ValueError(f"regime.heldout_examples={r.heldout_examples} must leave at least one batch "
                      f"on each side of the {len(source)} train examples")
+  teacher = run.teacher("teacher", run.config.teacher, "teacher")
   fit, heldout = data.subset(source, range(n)), data.subset(source, range(n, len(source)))
   fit_batches = run.student_batches(fit)
   heldout_batches = run.exp.train_batches(heldout, run.config.seed + 2, 0)
@@ -196,22 +198,22 @@ def _mean_teacher(run: _Run):
   if len(labeled) < run.config.data.batch_size:
     raise ValueError(f"regime.labeled_fraction={r.labeled_fraction} keeps {len(labeled)} labeled "
                      f"examples, fewer than data.batch_size={run.config.data.batch_size}")
-  labeled_only = run.train(
-      trainer.Stage("student_labeled_only", supervised(run.student[0]),
-                    {"student": run.student[1]}, run.student_meta, tx, steps),
-      run.student_batches(data.subset(run.exp.train_source, labeled)))
-  run.add_row("student_labeled_only", run.student[0], labeled_only, run.student_meta)
   batches = mean_teacher.semi_supervised_batches(
       images, labels, labeled_fraction=r.labeled_fraction, batch_size=run.config.data.batch_size,
       unlabeled_batch_size=r.unlabeled_batch_size, seed=run.config.seed,
       augment=data.AugmentConfig(crop_padding=run.config.data.crop_padding), mean=run.exp.info.mean,
       std=run.exp.info.std, **run.exp.process)
-  stage = mean_teacher.stage(
+  stage = mean_teacher.stage(  # checks the regime's fields before anything trains
       "mean_teacher", run.student, tx=tx, num_steps=steps, metadata=run.student_meta,
       decay=r.decay, momentum_warmup=r.momentum_warmup, threshold=r.threshold,
       low_threshold=r.low_threshold if r.low_threshold >= 0 else None,
       score_weighting=r.score_weighting, unlabeled_weight=r.unlabeled_weight,
       rampup_steps=int(r.rampup_fraction * steps))
+  labeled_only = run.train(
+      trainer.Stage("student_labeled_only", supervised(run.student[0]),
+                    {"student": run.student[1]}, run.student_meta, tx, steps),
+      run.student_batches(data.subset(run.exp.train_source, labeled)))
+  run.add_row("student_labeled_only", run.student[0], labeled_only, run.student_meta)
   variables = run.train(stage, batches)
   run.add_row("mean_teacher/student", run.student[0], variables, run.student_meta)
   run.add_row("mean_teacher/teacher", run.student[0], mean_teacher.teacher_variables(
@@ -255,13 +257,14 @@ def run(config, workdir: str) -> list[dict]:
                      f"{', '.join(REGIMES)}")
   os.makedirs(workdir, exist_ok=True)
   run_ = _Run(config, workdir)
+  REGIMES[config.regime.name](run_)  # first: bad regime fields fail before anything trains
   if config.student.baseline:
     tx, steps = run_.student_tx(len(run_.exp.train_source))
     variables = run_.train(trainer.Stage("student_baseline", supervised(run_.student[0]),
                                          {"student": run_.student[1]}, run_.student_meta, tx,
                                          steps))
     run_.add_row("student_baseline", run_.student[0], variables, run_.student_meta)
-  REGIMES[config.regime.name](run_)
+    run_.rows.insert(0, run_.rows.pop())
   if jax.process_index() == 0:
     checkpoint.atomic_write_json(os.path.join(workdir, "results.json"), run_.rows)
   return run_.rows
