@@ -159,13 +159,13 @@ def _plot(acc, params, teacher):
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
-  for family, marker in (("MLP", "o"), ("CNN", "s")):
+  for family, marker, color in (("MLP", "o", "tab:blue"), ("CNN", "s", "tab:orange")):
     labels_ = [label for label in params if label.startswith(family)]
     x = [params[label] for label in labels_]
-    for arm, color in (("baseline", "tab:gray"), ("KD", "tab:blue")):
+    for arm, style in (("baseline", "--"), ("KD", "-")):
       y = np.array([acc[f"{label} {arm}"] for label in labels_]) * 100
-      ax.errorbar(x, y.mean(1), yerr=y.std(1), marker=marker, color=color, capsize=3,
-                  label=f"{family} {arm}")
+      ax.errorbar(x, y.mean(1), yerr=y.std(1), marker=marker, color=color, ls=style, capsize=3,
+                  mfc="white" if arm == "baseline" else color, label=f"{family} {arm}")
   ax.axhline(100 * np.mean(teacher), color="tab:red", ls="--", lw=1,
              label="teacher (CNN 32/64, 29k params)")
   ax.set_xscale("log")

@@ -81,7 +81,7 @@ class _Run:
     """A teacher trained as stage `name` (or restored from `teacher_config.checkpoint`) and
     its row; returns `(apply_fn, variables)`."""
     apply_fn, variables, meta = self.build(teacher_config, field)
-    crop = self.config.regime.teacher_crop_padding
+    crop = teacher_config.get("crop_padding", self.config.regime.teacher_crop_padding)
     if teacher_config.get("checkpoint"):
       variables = checkpoint.restore_variables(teacher_config.checkpoint, meta, variables)
       recipe = f"restored from {teacher_config.checkpoint}"
