@@ -4,9 +4,27 @@
 groups of a job config (configs/common.py:kd_config); the KD job and the regimes job build
 their stages from it, so both read a config the same way.
 """
+import dataclasses
+
 import jax
 
 from kd_jax import data, models, optim, precision, trainer
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+  """How one network trains: shift augmentation, peak learning rate, epochs."""
+  crop_padding: int
+  learning_rate: float
+  num_epochs: int
+
+  def __str__(self) -> str:
+    shifts = f"shift ±{self.crop_padding}" if self.crop_padding else "no shift"
+    return f"{shifts}, lr {self.learning_rate:g}, {self.num_epochs} ep"
+
+  @property
+  def slug(self) -> str:
+    return f"crop{self.crop_padding}_lr{self.learning_rate:g}_ep{self.num_epochs}"
 
 
 class Experiment:
@@ -41,6 +59,16 @@ class Experiment:
     if self.config.data.in_memory:
       return data.ArrayDataSource(*data.load_arrays(self.config.data.name, split, data_dir))
     return data.open_source(self.config.data.name, split, data_dir)
+
+  def split_train(self, examples: int, field: str, hint: str = ""):
+    """`(fit, held_out)`: the train split without and with only its last `examples` examples;
+    an error names `field` unless each side holds at least one batch."""
+    n, batch = len(self.train_source), self.config.data.batch_size
+    if not batch <= examples <= n - batch:
+      raise ValueError(f"{field}={examples} must leave at least one batch on each side of the "
+                       f"{n} train examples{hint}")
+    return (data.subset(self.train_source, range(n - examples)),
+            data.subset(self.train_source, range(n - examples, n)))
 
   def build(self, model_name: str, model_kwargs: dict, field: str, rng):
     """Creates a model; returns `(apply_fn, variables, metadata)`; errors name `field`."""

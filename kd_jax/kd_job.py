@@ -37,37 +37,22 @@ def distill_terms(config) -> list[Term]:
           for i, t in enumerate(terms)]
 
 
-@dataclasses.dataclass(frozen=True)
-class Recipe:
-  """How one student arm trains: shift augmentation, peak learning rate, epochs."""
-  crop_padding: int
-  learning_rate: float
-  num_epochs: int
-
-  def __str__(self) -> str:
-    shifts = f"shift ±{self.crop_padding}" if self.crop_padding else "no shift"
-    return f"{shifts}, lr {self.learning_rate:g}, {self.num_epochs} ep"
-
-  @property
-  def slug(self) -> str:
-    return f"crop{self.crop_padding}_lr{self.learning_rate:g}_ep{self.num_epochs}"
-
-
-def recipe_grid(config) -> list[Recipe]:
+def recipe_grid(config) -> list[experiment.Recipe]:
   """The student recipes tried on validation (`config.tune`), or the config's own recipe when
   `tune.validation_examples` is 0."""
   t = config.tune
   if not t.validation_examples:
-    return [Recipe(config.data.crop_padding, config.optim.learning_rate,
+    return [experiment.Recipe(config.data.crop_padding, config.optim.learning_rate,
                    config.student.num_epochs)]
   for field in ("crop_padding", "learning_rate", "num_epochs"):
     if not t[field]:
       raise ValueError(f"tune.{field} is empty; give at least one value, or set "
                        "tune.validation_examples=0 to train with the config's own recipe")
-  return [Recipe(*r) for r in itertools.product(t.crop_padding, t.learning_rate, t.num_epochs)]
+  return [experiment.Recipe(*r)
+          for r in itertools.product(t.crop_padding, t.learning_rate, t.num_epochs)]
 
 
-def _check(config, num_train: int, num_classes: int) -> None:
+def _check(config, num_classes: int) -> None:
   """Start-up checks of the fields that shape the stages, each error naming its field."""
   for field in ("teacher.num_epochs", "student.num_epochs"):
     group, key = field.split(".")
@@ -79,18 +64,17 @@ def _check(config, num_train: int, num_classes: int) -> None:
   if not 0 < config.student.label_fraction <= 1:
     raise ValueError(f"student.label_fraction must be in (0, 1], got "
                      f"{config.student.label_fraction}")
-  v = config.tune.validation_examples
-  if v and not config.data.batch_size <= v <= num_train - config.data.batch_size:
-    raise ValueError(f"tune.validation_examples={v} must leave at least one batch on each side "
-                     f"of the {num_train} train examples (or be 0: no tuning)")
 
 
 def run(config, workdir: str) -> list[dict]:
   """Runs the job described by `config` (see configs/common.py:kd_config) in `workdir`."""
   os.makedirs(workdir, exist_ok=True)
   exp = experiment.Experiment(config)
-  train_source, eval_source = exp.train_source, exp.eval_source
-  _check(config, len(train_source), exp.info.num_classes)
+  train_source = exp.train_source
+  _check(config, exp.info.num_classes)
+  if config.tune.validation_examples:  # split now: a bad size fails at start-up
+    validation_split = exp.split_train(config.tune.validation_examples,
+                                       "tune.validation_examples", " (or be 0: no tuning)")
   grid = recipe_grid(config)
   omitted = config.student.omit_class
 
@@ -148,7 +132,7 @@ def run(config, workdir: str) -> list[dict]:
 
   chosen = {arm: grid[0] for arm in arms}
   if config.tune.validation_examples:
-    chosen = _tune(config, workdir, grid, list(arms), train_source, train_teacher, train_arm,
+    chosen = _tune(config, workdir, grid, list(arms), validation_split, train_teacher, train_arm,
                    lambda variables, source: exp.evaluate(student_apply, variables, source))
 
   results = []
@@ -178,7 +162,7 @@ def run(config, workdir: str) -> list[dict]:
     teacher_recipe = f"restored from {config.teacher.checkpoint}"
   else:
     teacher_vars = train_teacher("teacher", train_source)
-    teacher_recipe = str(Recipe(config.data.crop_padding, config.optim.learning_rate,
+    teacher_recipe = str(experiment.Recipe(config.data.crop_padding, config.optim.learning_rate,
                                 config.teacher.num_epochs))
   finish("teacher", teacher_apply, teacher_vars, teacher_meta, teacher_recipe)
   for arm in arms:
@@ -189,14 +173,13 @@ def run(config, workdir: str) -> list[dict]:
   return results
 
 
-def _tune(config, workdir, grid, arms, train_source, train_teacher, train_arm, evaluate):
+def _tune(config, workdir, grid, arms, validation_split, train_teacher, train_arm, evaluate):
   """Trains every arm with every recipe of `grid` on train minus its last
   `tune.validation_examples` examples (with a teacher trained on that part too), evaluates on
   those examples, writes `validation.json` and returns each arm's best recipe (the first of
   equals)."""
-  n = len(train_source) - config.tune.validation_examples
-  fit = data.subset(train_source, range(n))
-  held_out = data.subset(train_source, range(n, len(train_source)))
+  fit, held_out = validation_split
+  n = len(fit)
   teacher_vars = train_teacher("validation/teacher", fit)
   accuracy = {arm: {} for arm in arms}
   for arm in arms:

@@ -56,8 +56,7 @@ class _Run:
                           else dict(kwargs), f"{field}.model", rng)
 
   def recipe(self, crop_padding: int, num_epochs: int) -> str:
-    shifts = f"shift ±{crop_padding}" if crop_padding else "no shift"
-    return f"{shifts}, lr {self.config.optim.learning_rate:g}, {num_epochs} ep"
+    return str(experiment.Recipe(crop_padding, self.config.optim.learning_rate, num_epochs))
 
   def student_tx(self, num_examples: int):
     return self.exp.make_tx(self.config.optim.learning_rate, self.config.student.num_epochs,
@@ -164,20 +163,15 @@ def _uskd(run: _Run):
 
 def _tgeo(run: _Run):
   r = run.config.regime
-  source = run.exp.train_source
-  n = len(source) - r.heldout_examples
-  if not run.config.data.batch_size <= r.heldout_examples <= len(source) - run.config.data.batch_size:
-    raise ValueError(f"regime.heldout_examples={r.heldout_examples} must leave at least one batch "
-                     f"on each side of the {len(source)} train examples")
+  fit, heldout = run.exp.split_train(r.heldout_examples, "regime.heldout_examples")
   teacher = run.teacher("teacher", run.config.teacher, "teacher")
-  fit, heldout = data.subset(source, range(n)), data.subset(source, range(n, len(source)))
   fit_batches = run.student_batches(fit)
   heldout_batches = run.exp.train_batches(heldout, run.config.seed + 2, 0)
 
   def batches(start):
     return map(tgeo.attach_heldout, fit_batches(start), heldout_batches(start))
 
-  tx, steps = run.student_tx(n)
+  tx, steps = run.student_tx(len(fit))
   variables = run.train(tgeo.stage("student_tgeo", run.student, teacher, tx=tx, num_steps=steps,
                                    metadata=run.student_meta, lookahead_lr=r.lookahead_lr,
                                    temperature=r.temperature), batches)
