@@ -43,8 +43,8 @@ TERMS = {
     "dkd": {"weight": 1.0},  # warm-up set from the run length below
     # The other logit losses at weight 1 (their papers' own loss scales).
     **{name: {"weight": 1.0} for name in (
-        "reverse_kl", "jensen_shannon", "logit_mse", "nkd", "dist", "logit_standardized_kd",
-        "ofa", "meal_v2", "bdkd", "skd_instance", "skd_direction", "soft_teacher_cls")},
+        "reverse_kl", "jensen_shannon", "generalized_jsd", "logit_mse", "nkd", "dist",
+        "logit_standardized_kd", "ofa", "meal_v2", "bdkd", "skd_instance", "skd_direction", "soft_teacher_cls")},
     "fitnet": {"weight": 100.0, **_MAPS},
     "at": {"weight": 1000.0, **_MAPS},
     "sp": {"weight": 3000.0, **_VECTORS},

@@ -49,11 +49,7 @@ class Experiment:
                        f"{len(self.train_source)} examples of {config.data.name}:"
                        f"{config.data.train_split}; lower it")
     self.process = {"process_index": jax.process_index(), "process_count": jax.process_count()}
-    self.options = trainer.LoopOptions(
-        seed=config.seed, log_every=config.log.every_steps,
-        checkpoint_every=config.checkpoint.every_steps, keep_checkpoints=config.checkpoint.keep,
-        tensorboard=config.log.tensorboard, mesh_axes=tuple(map(tuple, config.mesh.axes)),
-        mesh_rules=tuple(map(tuple, config.mesh.rules)))
+    self.options = loop_options(config)
 
   def _open(self, split: str, data_dir):
     if self.config.data.in_memory:
@@ -115,6 +111,15 @@ class Experiment:
                                    warmup_epochs=o.warmup_epochs)
     return optim.make_optimizer(name=o.name, schedule=schedule, momentum=o.momentum,
                                 nesterov=o.nesterov, weight_decay=o.weight_decay), total
+
+
+def loop_options(config) -> trainer.LoopOptions:
+  """`trainer.LoopOptions` from a job config's `seed`, `log`, `checkpoint` and `mesh` groups."""
+  return trainer.LoopOptions(
+      seed=config.seed, log_every=config.log.every_steps,
+      checkpoint_every=config.checkpoint.every_steps, keep_checkpoints=config.checkpoint.keep,
+      tensorboard=config.log.tensorboard, mesh_axes=tuple(map(tuple, config.mesh.axes)),
+      mesh_rules=tuple(map(tuple, config.mesh.rules)))
 
 
 def format_table(rows: list[dict]) -> str:

@@ -25,7 +25,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config fil
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
 flags.mark_flags_as_required(["config", "workdir"])
 
-_JOBS = ("kd", "regimes", "distill_dataset")
+_JOBS = ("kd", "regimes", "sequence", "distill_dataset")
 # Config fields (by last name) that hold paths, named in messages about OS errors.
 _PATH_FIELDS = ("data_dir", "directory", "checkpoint")
 
@@ -74,11 +74,14 @@ def _flag_message(argv, error: Exception) -> str:
 
 
 def _report(config, results) -> str:
-  """What the job prints: the comparison table (KD, regimes), or the dataset-distillation
-  results."""
+  """What the job prints: the comparison table (KD, regimes, sequence), or the
+  dataset-distillation results."""
   if config.job in ("kd", "regimes"):
     from kd_jax import experiment  # pylint: disable=g-import-not-at-top
     return experiment.format_table(results)
+  if config.job == "sequence":
+    from kd_jax.sequence import job as sequence_job  # pylint: disable=g-import-not-at-top
+    return sequence_job.format_results(results)
   return json.dumps(results, indent=2)
 
 
@@ -114,6 +117,9 @@ def _run(config, workdir: str) -> None:
     elif config.job == "regimes":
       from kd_jax.regimes import job as regimes_job  # pylint: disable=g-import-not-at-top
       results = regimes_job.run(config, workdir)
+    elif config.job == "sequence":
+      from kd_jax.sequence import job as sequence_job  # pylint: disable=g-import-not-at-top
+      results = sequence_job.run(config, workdir)
     else:
       from kd_jax.dataset_distill import run as distill_run  # pylint: disable=g-import-not-at-top
       results = distill_run.run(config, workdir)

@@ -14,6 +14,8 @@ from kd_jax.losses.logits import (bdkd, dist, dkd, jensen_shannon, kd, logit_mse
                                   skd_direction, skd_instance, soft_teacher_cls,
                                   teacher_class_means, uskd)
 from kd_jax.losses.meal import MealV2Discriminator, meal_v2_discriminator_loss
+from kd_jax.losses.tokens import (chunked_token_divergence, generalized_jsd, teacher_topk,
+                                  token_divergence, topk_kd)
 # --- end logits ---
 
 # --- features / relations / attention / cka ---

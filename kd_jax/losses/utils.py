@@ -53,25 +53,30 @@ def check_non_negative(loss: str, **hparams: Any) -> None:
 
 
 def masked_mean(values: jax.Array, mask: jax.Array | None = None) -> jax.Array:
-  """Mean of `values` over entries where `mask` is true.
+  """Mean of `values` over entries where `mask` is true (> 0).
+
+  Masked entries are selected out, not multiplied by 0, so a non-finite value there (a padded
+  token's overflowing loss) changes neither the mean nor the gradient, which is exactly 0 there.
 
   Args:
     values: `[B, ...]` per-example (or per-token) loss values.
-    mask: `[B]` or broadcastable to `values`; `None` means all entries count.
+    mask: `[B]` (`[B, T]`...) or broadcastable to `values`; `None` means all entries count.
   Returns:
     Scalar in at least float32 (float64 stays float64); 0 when the mask is empty.
 
   >>> float(masked_mean(jnp.array([1., 2., 9.]), jnp.array([1, 1, 0])))
+  1.5
+  >>> float(masked_mean(jnp.array([1., 2., jnp.nan]), jnp.array([1, 1, 0])))
   1.5
   """
   values = jnp.asarray(values)
   values = values.astype(jnp.promote_types(values.dtype, jnp.float32))
   if mask is None:
     return jnp.mean(values)
-  mask = jnp.asarray(mask, values.dtype)
+  mask = jnp.asarray(mask)
   mask = mask.reshape(mask.shape + (1,) * (values.ndim - mask.ndim))
-  mask = jnp.broadcast_to(mask, values.shape)
-  return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+  keep = jnp.broadcast_to(mask > 0, values.shape)
+  return jnp.sum(jnp.where(keep, values, 0.0)) / jnp.maximum(jnp.sum(keep, dtype=values.dtype), 1.0)
 
 
 def warmup_factor(step, warmup_steps: int | float) -> jax.Array:

@@ -55,7 +55,7 @@ def _call(name, inputs, **hparams):
 
 
 # Losses whose inputs are (student_logits, teacher_logits[, labels]) and that vanish at s = t.
-ZERO_AT_EQUAL = ["kd", "reverse_kl", "jensen_shannon", "logit_mse", "dkd", "bdkd",
+ZERO_AT_EQUAL = ["kd", "reverse_kl", "jensen_shannon", "generalized_jsd", "logit_mse", "dkd", "bdkd",
                  "logit_standardized_kd", "dist", "skd_instance", "skd_direction"]
 SHIFT_INVARIANT = ["kd", "reverse_kl", "jensen_shannon", "dkd", "nkd", "ofa", "dist", "meal_v2",
                    "bdkd", "logit_standardized_kd", "soft_teacher_cls", "uskd", "skd_instance"]
@@ -68,7 +68,7 @@ def test_registry_lists_every_logit_loss():
   assert set(_logit_losses()) == {"kd", "reverse_kl", "jensen_shannon", "logit_mse", "dkd", "nkd",
                                   "uskd", "dist", "logit_standardized_kd", "ofa", "nd", "meal_v2",
                                   "meal_v2_discriminator", "bdkd", "soft_teacher_cls",
-                                  "skd_instance", "skd_direction"}
+                                  "skd_instance", "skd_direction", "generalized_jsd"}
   assert "meal_v2_discriminator" in _logit_losses()
   for name in _logit_losses():
     spec = losses.get_loss(name)
