@@ -45,7 +45,7 @@ def main(_):
   table = "\n".join(lines)
   print(table)
   for stage, text in samples.items():
-    print(f"\n{stage} (seed {_SEEDS.value[0]}, greedy): {text!r}")
+    print(f"\n{stage} (seed {_SEEDS.value[0]}): {text!r}")
   results_log.record("stdlib_lm_table", table)
 
 

@@ -130,6 +130,9 @@ def run(config, workdir: str) -> list[dict]:
         {**meta, "recipe": dataclasses.asdict(recipe)}, tx, steps),
         workdir, exp.train_batches(source, config.seed + 1, recipe.crop_padding), options)
 
+  # A restored teacher is checked before anything trains.
+  teacher_vars = (checkpoint.restore_variables(config.teacher.checkpoint, teacher_meta,
+                                               teacher_init) if config.teacher.checkpoint else None)
   chosen = {arm: grid[0] for arm in arms}
   if config.tune.validation_examples:
     chosen = _tune(config, workdir, grid, list(arms), validation_split, train_teacher, train_arm,
@@ -156,14 +159,12 @@ def run(config, workdir: str) -> list[dict]:
                     "accuracy": class_bias.accuracy(shifted, labels),
                     "omitted_class_accuracy": class_bias.accuracy(shifted, labels, omitted)})
 
-  if config.teacher.checkpoint:
-    teacher_vars = checkpoint.restore_variables(config.teacher.checkpoint, teacher_meta,
-                                                teacher_init)
-    teacher_recipe = f"restored from {config.teacher.checkpoint}"
-  else:
+  if teacher_vars is None:
     teacher_vars = train_teacher("teacher", train_source)
     teacher_recipe = str(experiment.Recipe(config.data.crop_padding, config.optim.learning_rate,
-                                config.teacher.num_epochs))
+                                           config.teacher.num_epochs))
+  else:
+    teacher_recipe = f"restored from {config.teacher.checkpoint}"
   finish("teacher", teacher_apply, teacher_vars, teacher_meta, teacher_recipe)
   for arm in arms:
     variables = train_arm(arm, arm, chosen[arm], train_source, teacher_vars)

@@ -56,7 +56,8 @@ def test_rerun_restores_finished_stages_without_training(finished_run, digits_da
 def test_student_can_distill_from_a_teacher_checkpoint_path(finished_run, digits_data_dir, tmp_path):
   workdir, rows = finished_run
   config = _config(digits_data_dir, **{"teacher.checkpoint": os.path.join(workdir, "teacher", "checkpoints"),
-                                       "student.baseline": False})
+                                       "student.baseline": False,
+                                       "tune.validation_examples": 0})  # tuning is tested above
   new_rows = kd_job.run(config, str(tmp_path))
   assert [r["stage"] for r in new_rows] == ["teacher", "student_kd"]
   assert new_rows[0]["accuracy"] == rows[0]["accuracy"]
@@ -69,6 +70,7 @@ def test_teacher_checkpoint_with_other_class_count_is_rejected(finished_run, dig
                                        "teacher.model": "digits_cnn_student"})
   with pytest.raises(checkpoint.CheckpointError, match="model='digits_cnn_teacher'.*teacher.checkpoint"):
     kd_job.run(config, str(tmp_path))
+  assert not os.listdir(tmp_path)  # refused before any stage (validation runs included) trained
 
 
 @pytest.mark.parametrize("key,value,message", [

@@ -29,7 +29,8 @@ def steps_per_epoch(num_examples: int, batch_size: int) -> int:
   return num_examples // batch_size
 
 
-def _host_rows(batch_size: int, process_index: int, process_count: int) -> slice:
+def host_rows(batch_size: int, process_index: int, process_count: int) -> slice:
+  """This process's rows of a global batch of `batch_size` (checked)."""
   if batch_size <= 0:
     raise ValueError(f"batch_size must be > 0, got {batch_size}.")
   if process_count <= 0 or not 0 <= process_index < process_count:
@@ -48,6 +49,31 @@ def _rng(seed: int, stream: int, counter: int) -> np.random.Generator:
 def _finish(images, labels, mask, mean, std) -> dict[str, np.ndarray]:
   labels = labels.astype(np.int32 if np.issubdtype(labels.dtype, np.integer) else np.float32)
   return {"image": augment_lib.normalize(images, mean, std), "label": labels, "mask": mask}
+
+
+def batch_indices(num_examples: int, *, batch_size: int, seed: int, start_step: int,
+                  rows: slice) -> Iterator[tuple[int, np.ndarray]]:
+  """`(step, indices)` for steps `start_step, start_step + 1, ...`: this host's `rows` of the
+  global batch `perm_e[k * B:(k + 1) * B]` (module docstring). Arguments are checked now, not at
+  the first `next`."""
+  if not isinstance(seed, (int, np.integer)) or seed < 0:
+    raise ValueError(f"seed must be a non-negative integer, got {seed!r}.")
+  if start_step < 0:
+    raise ValueError(f"start_step must be >= 0, got {start_step}.")
+  steps = steps_per_epoch(num_examples, batch_size)
+  if steps == 0:
+    raise ValueError(f"batch_size={batch_size} is larger than the {num_examples} examples; lower it.")
+
+  def indices():
+    epoch, permutation = None, None
+    for step in itertools.count(start_step):
+      if step // steps != epoch:
+        epoch = step // steps
+        permutation = _rng(seed, _PERMUTATION_STREAM, epoch).permutation(num_examples)
+      k = step % steps
+      yield step, permutation[k * batch_size:(k + 1) * batch_size][rows]
+
+  return indices()
 
 
 def train_batches(source, *, batch_size: int, seed: int, start_step: int = 0,
@@ -69,23 +95,12 @@ def train_batches(source, *, batch_size: int, seed: int, start_step: int = 0,
     "index": int32 [b]}`, `b = batch_size // process_count`; the mask is all ones and `index` holds the rows'
     positions in `source` (CRD's memory bank needs them).
   """
-  rows = _host_rows(batch_size, process_index, process_count)
-  if not isinstance(seed, (int, np.integer)) or seed < 0:
-    raise ValueError(f"seed must be a non-negative integer, got {seed!r}.")
-  if start_step < 0:
-    raise ValueError(f"start_step must be >= 0, got {start_step}.")
-  steps = steps_per_epoch(len(source), batch_size)
-  if steps == 0:
-    raise ValueError(f"batch_size={batch_size} is larger than the {len(source)} examples of the source; lower it.")
+  rows = host_rows(batch_size, process_index, process_count)
+  steps = batch_indices(len(source), batch_size=batch_size, seed=seed, start_step=start_step,
+                        rows=rows)
 
   def batches():
-    epoch, permutation = None, None
-    for step in itertools.count(start_step):
-      if step // steps != epoch:
-        epoch = step // steps
-        permutation = _rng(seed, _PERMUTATION_STREAM, epoch).permutation(len(source))
-      k = step % steps
-      indices = permutation[k * batch_size:(k + 1) * batch_size][rows]
+    for step, indices in steps:
       draws = augment_lib.sample_augment(augment, batch_size, _rng(seed, _AUGMENT_STREAM, step))
       images, labels = gather(source, indices)
       images = augment_lib.apply_augment(images, {name: d[rows] for name, d in draws.items()}, augment)
@@ -95,7 +110,8 @@ def train_batches(source, *, batch_size: int, seed: int, start_step: int = 0,
   return _prefetch(batches(), prefetch)
 
 
-def _pad_rows(x: np.ndarray, num_rows: int) -> np.ndarray:
+def pad_rows(x: np.ndarray, num_rows: int) -> np.ndarray:
+  """`x` zero-padded to `num_rows` rows."""
   return np.pad(x, [(0, num_rows - x.shape[0])] + [(0, 0)] * (x.ndim - 1))
 
 
@@ -110,7 +126,7 @@ def eval_batches(source, *, batch_size: int, mean=None, std=None, process_index:
 
   Args and yields as `train_batches`; every process yields `num_eval_batches(len(source), batch_size)` batches.
   """
-  rows = _host_rows(batch_size, process_index, process_count)
+  rows = host_rows(batch_size, process_index, process_count)
   num_examples, per_host = len(source), rows.stop - rows.start
 
   def batches():
@@ -119,7 +135,7 @@ def eval_batches(source, *, batch_size: int, mean=None, std=None, process_index:
       valid = indices[indices < num_examples]
       images, labels = gather(source, valid if valid.size else [0])  # An empty slice still needs the shapes.
       batch = _finish(images[:valid.size], labels[:valid.size], np.ones(valid.size, np.float32), mean, std)
-      yield {name: _pad_rows(x, per_host) for name, x in batch.items()}
+      yield {name: pad_rows(x, per_host) for name, x in batch.items()}
 
   return _prefetch(batches(), prefetch)
 

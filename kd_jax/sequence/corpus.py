@@ -15,7 +15,6 @@ Batches follow `kd_jax.data.pipeline`: step `s` reads windows `perm_e[k * B:(k +
 """
 import dataclasses
 import hashlib
-import itertools
 import os
 import platform
 import sysconfig
@@ -24,8 +23,7 @@ from typing import Iterator
 import numpy as np
 
 # The image pipeline's batch arithmetic: the same host slices and epoch permutations.
-from kd_jax.data.pipeline import _PERMUTATION_STREAM, _host_rows, _pad_rows, _rng
-from kd_jax.data.pipeline import num_eval_batches, steps_per_epoch
+from kd_jax.data.pipeline import batch_indices, host_rows, num_eval_batches, pad_rows
 
 # Paths relative to `sysconfig.get_paths()["stdlib"]`.
 TRAIN_FILES = (
@@ -119,24 +117,13 @@ def train_batches(windows: np.ndarray, *, batch_size: int, seed: int, start_step
     `{"tokens": int32 [b, L + 1], "index": int32 [b] (window ids), "mask": float32 [b, L]
     (ones)}`, `b = batch_size // process_count`.
   """
-  rows = _host_rows(batch_size, process_index, process_count)
-  if not isinstance(seed, (int, np.integer)) or seed < 0:
-    raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-  if start_step < 0:
-    raise ValueError(f"start_step must be >= 0, got {start_step}")
-  steps = steps_per_epoch(len(windows), batch_size)
-  if steps == 0:
-    raise ValueError(f"batch_size={batch_size} is larger than the {len(windows)} windows; lower it")
+  rows = host_rows(batch_size, process_index, process_count)
+  steps = batch_indices(len(windows), batch_size=batch_size, seed=seed, start_step=start_step,
+                        rows=rows)
   mask = np.ones((rows.stop - rows.start, windows.shape[1] - 1), np.float32)
 
   def batches():
-    epoch, permutation = None, None
-    for step in itertools.count(start_step):
-      if step // steps != epoch:
-        epoch = step // steps
-        permutation = _rng(seed, _PERMUTATION_STREAM, epoch).permutation(len(windows))
-      k = step % steps
-      indices = permutation[k * batch_size:(k + 1) * batch_size][rows]
+    for _, indices in steps:
       yield {"tokens": windows[indices].astype(np.int32), "index": indices.astype(np.int32),
              "mask": mask.copy()}
 
@@ -150,7 +137,7 @@ def eval_batches(windows: np.ndarray, *, batch_size: int, process_index: int = 0
   Args and yields as `train_batches`; every process yields
   `num_eval_batches(len(windows), batch_size)` batches.
   """
-  rows = _host_rows(batch_size, process_index, process_count)
+  rows = host_rows(batch_size, process_index, process_count)
   length = windows.shape[1] - 1
 
   def batches():
@@ -159,6 +146,6 @@ def eval_batches(windows: np.ndarray, *, batch_size: int, process_index: int = 0
       indices = indices[indices < len(windows)]
       batch = {"tokens": windows[indices].astype(np.int32), "index": indices.astype(np.int32),
                "mask": np.ones((len(indices), length), np.float32)}
-      yield {name: _pad_rows(x, rows.stop - rows.start) for name, x in batch.items()}
+      yield {name: pad_rows(x, rows.stop - rows.start) for name, x in batch.items()}
 
   return batches()

@@ -115,7 +115,7 @@ def test_eval_batches_cover_every_window_once_and_mask_the_padding(windows):
 
 def test_bad_batch_arguments_fail_when_called():
   w = corpus.windows(np.arange(21, dtype=np.int32), 5)
-  with pytest.raises(ValueError, match="larger than the 4 windows"):
+  with pytest.raises(ValueError, match="larger than the 4 examples"):
     corpus.train_batches(w, batch_size=8, seed=0)
   with pytest.raises(ValueError, match="seed"):
     corpus.train_batches(w, batch_size=2, seed=-1)
