@@ -14,8 +14,9 @@ The arms (each a `kd_jax.sequence.SequenceLoss`):
 - `token_kd`: ½ CE + ½ forward KL to the teacher per token (T = 1);
 - `topk`: the same from the teacher's stored top-8 logits (tail mass as one bin);
 - `minilm`: CE + MiniLM's attention and value-relation transfer, last block → last block;
-- `on_policy`: half of each batch continued by the student from its first 16 characters and
-  scored with GKD's generalized JSD (β = 0.5), the other half KD on the data, plus CE there.
+- `on_policy`: ½ CE + ½ GKD's generalized JSD (β = 0.5) on the data for the first 400 steps;
+  then half of each batch is the student's own continuation of its first 16 characters, scored
+  by the teacher with the same divergence (GKD starts on-policy from a supervised student).
 """
 import ml_collections
 
@@ -61,7 +62,8 @@ def get_config(arg=None):
       "topk": {"ce_weight": 0.5, "topk_weight": 0.5, "topk_tail": "bin"},
       "minilm": {"ce_weight": 1.0, "minilm_weight": 1.0, "minilm_relations": "attention_value"},
       "on_policy": {"ce_weight": 0.5, "kd_weight": 0.5, "divergence": "gjsd", "beta": 0.5,
-                    "on_policy_fraction": 0.5, "prompt_length": 16},
+                    "on_policy_fraction": 0.5, "on_policy_start_step": 400,
+                    "prompt_length": 16},
   })
   c.topk = ml_collections.ConfigDict({"k": 8})
 
@@ -81,6 +83,7 @@ def get_config(arg=None):
     c.teacher.model_kwargs = {"width": 32, "depth": 2, "num_heads": 2, "mlp_dim": 64}
     c.student.model_kwargs = {"width": 16, "depth": 1, "num_heads": 2, "mlp_dim": 32}
     c.teacher.num_steps = c.student.num_steps = 6
+    c.losses.on_policy.on_policy_start_step = 3
     c.optim.warmup_steps = 2
     c.topk.k = 4
     c.checkpoint.every_steps = 3

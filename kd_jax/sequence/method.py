@@ -15,11 +15,12 @@ Every term is a mean over real tokens (`kd_jax.losses.masked_mean`):
   (`minilm_relations="attention_value"`: attention distributions + value relations, equal head
   counts) or MiniLMv2's Q-Q, K-K and V-V relations re-split into `num_relation_heads`
   (`"qkv"`: any head counts and widths);
-- `on_policy_fraction`: that fraction of each batch's rows is replaced by the student's own
-  continuation of the rows' first `prompt_length` tokens (sampled with its KV cache, no
-  gradient through the sampling), scored by the teacher: GKD's on-policy data (Agarwal et al.,
-  "On-Policy Distillation of Language Models", ICLR 2024). Those rows carry only the divergence
-  term, on the sampled tokens; cross-entropy stays on the data rows.
+- `on_policy_fraction`: from step `on_policy_start_step` on, that fraction of each batch's rows
+  is replaced by the student's own continuation of the rows' first `prompt_length` tokens
+  (sampled with its KV cache, no gradient through the sampling), scored by the teacher: GKD's
+  on-policy data (Agarwal et al., "On-Policy Distillation of Language Models", ICLR 2024, whose
+  students start from supervised training). Those rows carry only the divergence term, on the
+  sampled tokens; cross-entropy stays on the data rows.
 """
 import dataclasses
 from typing import Any, Mapping
@@ -57,6 +58,7 @@ class SequenceLoss:
   minilm_relations: str = "attention_value"
   num_relation_heads: int = 0      # "qkv": 0 = the student's head count
   on_policy_fraction: float = 0.0
+  on_policy_start_step: int = 0    # data-only steps first (GKD starts from a trained student)
   prompt_length: int = 0
   sample_temperature: float = 1.0
 
@@ -100,6 +102,8 @@ class SequenceLoss:
     if self.on_policy_fraction and not self.kd_weight:
       raise ValueError(f"{where}: on-policy rows are scored by the kd term; set kd_weight > 0 "
                        "(e.g. divergence='reverse_kl' or 'gjsd')")
+    if self.on_policy_start_step < 0:
+      raise ValueError(f"{where}.on_policy_start_step={self.on_policy_start_step} must be >= 0")
     if self.on_policy_fraction and self.prompt_length < 1:
       raise ValueError(f"{where}.prompt_length={self.prompt_length} must be >= 1 with "
                        "on-policy rows (the student continues the rows' first tokens)")
@@ -186,13 +190,15 @@ class SequenceDistiller:
 
   def loss(self, trainable, frozen, extra, batch, step, rng):
     """Σ weight·term; see `kd_jax.step.Method.loss`."""
-    del step
     spec = self.spec
     mask = batch["mask"].astype(jnp.float32)
     tokens, data_mask, kd_mask = batch["tokens"], mask, mask
     sample_rng, dropout_rng = jax.random.split(rng)
     if spec.on_policy_fraction:
-      tokens, data_mask, kd_mask = self._on_policy(trainable["student"], tokens, mask, sample_rng)
+      tokens, data_mask, kd_mask = jax.lax.cond(
+          step >= spec.on_policy_start_step,
+          lambda: self._on_policy(trainable["student"], tokens, mask, sample_rng),
+          lambda: (tokens, mask, mask))
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
     student, _ = self.student_apply({"params": trainable["student"]}, inputs, train=True,
                                     rngs={"dropout": dropout_rng})

@@ -27,9 +27,9 @@ def setup():
       STUDENT, 2)
 
 
-def _loss(method, batch, variables, rng=0):
+def _loss(method, batch, variables, rng=0, step=0):
   trainable, frozen, extra = method.init(jax.random.PRNGKey(0), variables, batch)
-  loss, (metrics, _) = jax.jit(method.loss)(trainable, frozen, extra, batch, 0,
+  loss, (metrics, _) = jax.jit(method.loss)(trainable, frozen, extra, batch, jnp.int32(step),
                                             jax.random.PRNGKey(rng))
   return loss, metrics
 
@@ -111,6 +111,19 @@ def test_on_policy_rows_keep_the_prompt_and_mask_the_data_terms(setup):
   np.testing.assert_array_equal(tokens, again)
   loss, metrics = _loss(method, batch, {"student": student, "teacher": teacher})
   assert np.isfinite(float(loss)) and float(metrics["terms/kd"]) > 0
+
+
+def test_on_policy_rows_start_at_their_step(setup):
+  batch, teacher, student = setup
+  variables = {"student": student, "teacher": teacher}
+  spec = dict(kd_weight=1.0, divergence="gjsd")
+  delayed = SequenceDistiller(STUDENT, SequenceLoss(**spec, on_policy_fraction=0.5,
+                                                    prompt_length=3, on_policy_start_step=5),
+                              TEACHER)
+  data_only, _ = _loss(SequenceDistiller(STUDENT, SequenceLoss(**spec), TEACHER), batch,
+                       variables, step=4)
+  np.testing.assert_allclose(_loss(delayed, batch, variables, step=4)[0], data_only, rtol=1e-6)
+  assert abs(float(_loss(delayed, batch, variables, step=5)[0]) - float(data_only)) > 1e-4
 
 
 @pytest.mark.parametrize("fields, message", [
