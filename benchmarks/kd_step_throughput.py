@@ -1,11 +1,14 @@
-"""KD-step throughput: kd_jax (one jitted step) against a PyTorch eager reference of the same work.
+"""KD-step throughput: kd_jax (one jitted step) against a PyTorch eager reference of the same work,
+and the kd_jax step with the teacher's logits read from a cache (`kd_jax.teacher_cache`).
 
 One step = resnet32x4 teacher forward (eval mode, no gradient) + resnet8x4 student forward
 and backward + SGD (momentum 0.9, weight decay 5e-4) on a CIFAR-shaped batch (64×32×32×3,
 100 classes), loss 0.1·CE + 0.9·T²·KL with T = 4 (the RepDistiller/mdistiller recipe).
-Both frameworks run in this process with the same thread count; measurements alternate
-(JAX round, PyTorch round, ...) so machine load hits both alike, and the ratio per round is
-reported.
+The cached step is the same step without the teacher forward: its logits for each step's batch
+come from an array store built beforehand (float32), read and checked per step (the read is
+timed apart). Both frameworks run in this process with the same thread count; measurements
+alternate (kd_jax live, kd_jax cached, PyTorch live, ...) so machine load hits all alike, and
+the ratios per round are reported.
 
   pip install torch==2.13.0        # benchmark-only dependency, never needed by kd_jax
   python benchmarks/kd_step_throughput.py --rounds 5 --steps 5
@@ -41,12 +44,14 @@ def make_batches(n: int, seed: int = 0):
 
 
 # ----------------------------------------------------------------------------- JAX
-def build_jax(precision: str):
+def build_jax(precision: str, cached: bool = False):
+  """The jitted KD step (`cached`: the teacher's logits from the batch); returns `(run, state,
+  compiled, compile_s, (teacher_apply, teacher_variables))`."""
   import jax
   import optax
 
   from kd_jax import models
-  from kd_jax.distiller import Distiller, Term
+  from kd_jax.distiller import Distiller, Term, cached_logits_key
   from kd_jax.precision import compute_dtype
   from kd_jax.step import TrainState, make_train_step, per_part_optimizer
 
@@ -58,8 +63,12 @@ def build_jax(precision: str):
   distiller = Distiller(models.make_apply_fn(student),
                         [Term("ce", weight=1 - ALPHA),
                          Term("kd", weight=ALPHA, hparams={"temperature": TEMPERATURE})],
-                        {"teacher": models.make_apply_fn(teacher)})
-  example = jax.tree.map(jax.numpy.asarray, make_batches(1)[0])
+                        {"teacher": models.make_apply_fn(teacher)},
+                        cached=("teacher",) if cached else ())
+  example = make_batches(1)[0]
+  if cached:
+    example[cached_logits_key("teacher")] = np.zeros((BATCH, CLASSES), np.float32)
+  example = jax.tree.map(jax.numpy.asarray, example)
   trainable, frozen, extra = distiller.init(
       jax.random.PRNGKey(2), {"student": {"params": params, **model_state},
                               "teacher": {"params": t_params, **t_state}}, example)
@@ -79,7 +88,24 @@ def build_jax(precision: str):
     jax.block_until_ready((state, metrics))
     return state, float(metrics["train/loss"])
 
-  return run, state, compiled, compile_s
+  teacher_variables = {"params": t_params, **t_state}
+  return run, state, compiled, compile_s, (models.make_apply_fn(teacher), teacher_variables)
+
+
+def cached_batches(batches, teacher, directory: str):
+  """`batches` with the teacher's logits from a `kd_jax.teacher_cache` built in `directory`;
+  returns them and the seconds per step of reading (memory map + per-row check)."""
+  from kd_jax import teacher_cache
+
+  indexed = [{**b, "index": np.arange(k * BATCH, (k + 1) * BATCH, dtype=np.int32)}
+             for k, b in enumerate(batches)]
+  source = lambda start: iter(indexed[start:])
+  cache = teacher_cache.build(directory, source, *teacher, num_steps=len(indexed),
+                              storage="float32", metadata={"benchmark": "kd_step_throughput"})
+  t0 = time.perf_counter()
+  read = [{k: v for k, v in b.items() if k != "index"}  # the step's batch: image, label, logits
+          for b in teacher_cache.with_teacher_logits(source, cache)(0)]
+  return read, (time.perf_counter() - t0) / len(read)
 
 
 # ----------------------------------------------------------------------------- PyTorch
@@ -267,8 +293,8 @@ def profile_time_by_op(compiled, run, state, batches) -> dict:
 # ----------------------------------------------------------------------------- main
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--rounds", type=int, default=5, help="alternating JAX/PyTorch rounds")
-  parser.add_argument("--steps", type=int, default=5, help="steps per round and framework")
+  parser.add_argument("--rounds", type=int, default=5, help="alternating rounds of the arms")
+  parser.add_argument("--steps", type=int, default=5, help="steps per round and arm")
   parser.add_argument("--threads", type=int, default=os.cpu_count(), help="PyTorch threads "
                       "(XLA:CPU uses one thread per core)")
   parser.add_argument("--precision", default="float32", choices=("float32", "bfloat16"))
@@ -278,48 +304,61 @@ def main():
 
   import jax
 
-  jax_run, jax_state, compiled, compile_s = build_jax(args.precision)
+  jax_run, jax_state, compiled, compile_s, teacher = build_jax(args.precision)
+  cached_run, cached_state, cached_compiled, cached_compile_s, _ = build_jax(args.precision,
+                                                                             cached=True)
   torch_run, to_torch, torch_params, torch_version = build_torch(args.threads)
   batches = make_batches(args.steps)
-  jax_batches = [jax.tree.map(jax.numpy.asarray, b) for b in batches]
-  torch_batches = to_torch(batches)
-  jax_state, _ = jax_run(jax_state, jax_batches[:1])  # warm-up (first call, allocations)
-  torch_run(None, torch_batches[:1])
+  with tempfile.TemporaryDirectory() as directory:
+    with_logits, read_s = cached_batches(batches, teacher, os.path.join(directory, "cache"))
+  to_jax = lambda bs: [jax.tree.map(jax.numpy.asarray, b) for b in bs]
+  arms = {"jax": (jax_run, to_jax(batches)), "jax_cached": (cached_run, to_jax(with_logits)),
+          "torch": (torch_run, to_torch(batches))}
+  states = {"jax": jax_state, "jax_cached": cached_state, "torch": None}
+  for name, (run, arm_batches) in arms.items():  # warm-up (first call, allocations)
+    states[name], _ = run(states[name], arm_batches[:1])
 
   # Wall and process CPU seconds (all threads) per step. On a loaded machine the CPU time is
   # the steadier figure: it does not count time spent waiting for a core.
-  jax_s, torch_s, jax_cpu, torch_cpu = [], [], [], []
+  wall, cpu, loss = {name: [] for name in arms}, {name: [] for name in arms}, {}
   for _ in range(args.rounds):
-    t0, c0 = time.perf_counter(), time.process_time()
-    jax_state, _ = jax_run(jax_state, jax_batches)
-    jax_s.append((time.perf_counter() - t0) / args.steps)
-    jax_cpu.append((time.process_time() - c0) / args.steps)
-    t0, c0 = time.perf_counter(), time.process_time()
-    torch_run(None, torch_batches)
-    torch_s.append((time.perf_counter() - t0) / args.steps)
-    torch_cpu.append((time.process_time() - c0) / args.steps)
-  ratios = np.asarray(torch_s) / np.asarray(jax_s)
-  cpu_ratios = np.asarray(torch_cpu) / np.asarray(jax_cpu)
+    for name, (run, arm_batches) in arms.items():
+      t0, c0 = time.perf_counter(), time.process_time()
+      states[name], loss[name] = run(states[name], arm_batches)
+      wall[name].append((time.perf_counter() - t0) / args.steps)
+      cpu[name].append((time.process_time() - c0) / args.steps)
+  wall, cpu = ({k: np.asarray(v) for k, v in times.items()} for times in (wall, cpu))
+  per_round = lambda x: [round(float(v), 3) for v in x]
+  median = lambda x: round(float(np.median(x)), 3)
   result = {
       "precision": args.precision, "xla_flags": os.environ.get("XLA_FLAGS", ""),
       "threads": args.threads, "cpu_count": os.cpu_count(),
       "load_average_1_5_15min": [round(x, 1) for x in os.getloadavg()], "jax": jax.__version__,
       "torch": torch_version, "jax_compile_s": round(compile_s, 2),
-      "jax_s_per_step": [round(x, 4) for x in jax_s],
-      "torch_s_per_step": [round(x, 4) for x in torch_s],
-      "jax_images_per_s_median": round(BATCH / float(np.median(jax_s)), 1),
-      "torch_images_per_s_median": round(BATCH / float(np.median(torch_s)), 1),
-      "speedup_jax_over_torch_per_round": [round(x, 3) for x in ratios],
-      "speedup_median": round(float(np.median(ratios)), 3),
-      "jax_cpu_s_per_step": [round(x, 3) for x in jax_cpu],
-      "torch_cpu_s_per_step": [round(x, 3) for x in torch_cpu],
-      "cpu_time_speedup_per_round": [round(x, 3) for x in cpu_ratios],
-      "cpu_time_speedup_median": round(float(np.median(cpu_ratios)), 3),
+      "jax_cached_compile_s": round(cached_compile_s, 2),
+      "cache_read_ms_per_step": round(1e3 * read_s, 2),
+      "gflop_per_step_live_cached": [conv_flop_share(c)["step_gflop"]
+                                     for c in (compiled, cached_compiled)],
+      **{f"{name}_s_per_step": [round(float(x), 4) for x in wall[name]] for name in arms},
+      **{f"{name}_images_per_s_median": round(BATCH / float(np.median(wall[name])), 1)
+         for name in arms},
+      "speedup_jax_over_torch_per_round": per_round(wall["torch"] / wall["jax"]),
+      "speedup_median": median(wall["torch"] / wall["jax"]),
+      "cached_over_live_per_round": per_round(wall["jax"] / wall["jax_cached"]),
+      "cached_over_live_median": median(wall["jax"] / wall["jax_cached"]),
+      "cached_over_torch_live_per_round": per_round(wall["torch"] / wall["jax_cached"]),
+      "cached_over_torch_live_median": median(wall["torch"] / wall["jax_cached"]),
+      **{f"{name}_cpu_s_per_step": [round(float(x), 3) for x in cpu[name]] for name in arms},
+      "cpu_time_speedup_median": median(cpu["torch"] / cpu["jax"]),
+      "cpu_time_cached_over_live_median": median(cpu["jax"] / cpu["jax_cached"]),
+      "cpu_time_cached_over_torch_live_median": median(cpu["torch"] / cpu["jax_cached"]),
+      # Both kd_jax states took the same steps on the same batches: equal up to rounding.
+      "last_loss_live_cached": [round(loss["jax"], 6), round(loss["jax_cached"], 6)],
       "torch_params_student_teacher": torch_params,
   }
   if args.profile:
     result["flops"] = conv_flop_share(compiled)
-    result["time_by_op"] = profile_time_by_op(compiled, jax_run, jax_state, jax_batches)
+    result["time_by_op"] = profile_time_by_op(compiled, jax_run, states["jax"], arms["jax"][1])
   print(json.dumps(result, indent=1))
   if args.json:
     with open(args.json, "w") as f:
@@ -327,5 +366,5 @@ def main():
 
 
 if __name__ == "__main__":
-  with results_log.recorded("KD-step throughput: kd_jax vs PyTorch eager"):
+  with results_log.recorded("KD-step throughput: kd_jax live and cached teacher vs PyTorch eager"):
     main()

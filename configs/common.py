@@ -63,6 +63,15 @@ def kd_config() -> ml_collections.ConfigDict:
   c.data.eval_batch_size = 256
   c.data.crop_padding = 0       # random crop after zero padding by this many pixels
   c.data.flip = False           # random horizontal flip
+  # Data pruning of the students' transfer set (kd_jax.data.pruning); the teacher keeps all of
+  # train. Scores: random, or el2n / forgetting from `score_runs` runs of the teacher's
+  # architecture for `score_epochs` epochs on that set.
+  c.data.prune = ml_collections.ConfigDict()
+  c.data.prune.fraction = 0.0   # the fraction of the transfer set removed (0: no pruning)
+  c.data.prune.score = "random"  # random | el2n | forgetting
+  c.data.prune.keep = "hardest"  # hardest | easiest: which end of the scores is kept
+  c.data.prune.score_epochs = 3
+  c.data.prune.score_runs = 3
 
   c.teacher = ml_collections.ConfigDict()
   c.teacher.model = ""
@@ -70,6 +79,9 @@ def kd_config() -> ml_collections.ConfigDict:
   c.teacher.num_epochs = 1
   c.teacher.checkpoint = ""     # a trained teacher's checkpoint dir: skips teacher training
   c.teacher.on_label_subset = False  # train the teacher on the students' labeled fraction too
+  # The KD step reads the teacher's logits, cached per step and row (kd_jax.teacher_cache), instead
+  # of running it: "" (off), "float32", "float16" or "top<k>" (k logits per row, e.g. "top10").
+  c.teacher.cache = ""
 
   c.student = ml_collections.ConfigDict()
   c.student.model = ""
@@ -78,6 +90,14 @@ def kd_config() -> ml_collections.ConfigDict:
   c.student.baseline = True     # also train the label-only baseline student
   c.student.omit_class = -1     # leave this class out of the students' transfer set (Hinton §3)
   c.student.label_fraction = 1.0  # the students train on this stratified fraction of train
+  # k-bit weights in both students' forward pass, full-precision shadows trained through a
+  # straight-through estimator (kd_jax.quantization; Polino et al. 2018).
+  c.student.quantize = ml_collections.ConfigDict()
+  c.student.quantize.bits = 0   # 0: full precision
+  c.student.quantize.method = "uniform"  # or "differentiable": learned quantization points
+  c.student.quantize.bucket_size = 256   # values per min-max scaling bucket
+  c.student.quantize.full_precision = ""  # regex of param paths kept in float32 ("^head/")
+  c.student.quantize.points_learning_rate = 1e-4  # differentiable: SGD, momentum 0.9, Nesterov
 
   # Each student arm's recipe is chosen on validation: every (crop_padding, learning_rate,
   # num_epochs) of this grid trains on train minus its last `validation_examples` examples and

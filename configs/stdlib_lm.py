@@ -88,4 +88,5 @@ def get_config(arg=None):
     c.topk.k = 4
     c.checkpoint.every_steps = 3
     c.log.every_steps = 3
+  c.lock()
   return c

@@ -24,6 +24,10 @@ from one teacher (or a tuple of teachers, stacked), on one batch view (`"image"`
 Loss state lives in `extra[term.name]`: CRD's memory, ND's running teacher class means, OFD's
 running per-channel margins (the mean of the teacher's negative responses). Every term's value
 is logged as `terms/<name>`; the step's loss is Σ weight·value.
+
+A *cached* teacher (`Distiller(..., cached=("teacher",))`) is not run: its logits come from the
+batch (`batch["teacher_logits"]`, `kd_jax.teacher_cache` stores them per step and row), so its
+terms may read only its `"logits"` tap on the primary view.
 """
 import dataclasses
 import math
@@ -100,6 +104,11 @@ class Term:
 
 def _taps(names) -> tuple[str, ...]:
   return (names,) if isinstance(names, str) else tuple(names)
+
+
+def cached_logits_key(teacher_name: str) -> str:
+  """The batch key of a cached teacher's logits `[B, C]`: `"teacher_logits"` for `"teacher"`."""
+  return f"{teacher_name}_logits"
 
 
 def read_tap(out: ModelOutput, name: str, side: str) -> jax.Array:
@@ -480,6 +489,8 @@ class Distiller:
     terms: the loss terms (`Term`); `Term("ce")` alone is plain supervised training.
     teachers: `{name: apply_fn}` of the frozen networks.
     num_data: the number of training examples (CRD's memory bank; batches then carry `index`).
+    cached: teachers read from the batch (`batch[cached_logits_key(name)]`, their logits on the
+      primary view) instead of run; they are not in the state. Only logit taps can be cached.
 
   State: `trainable = {"student": params, <term name>: head params}`, `frozen = {teacher name:
   variables}`, `extra = {"model_state": {"student": ..., <term name>: ...}, <term name>: loss
@@ -489,7 +500,8 @@ class Distiller:
   evolving_frozen = ()  # the teachers never change
 
   def __init__(self, student: Callable, terms: Sequence[Term],
-               teachers: Mapping[str, Callable] | None = None, *, num_data: int | None = None):
+               teachers: Mapping[str, Callable] | None = None, *, num_data: int | None = None,
+               cached: Sequence[str] = ()):
     if not terms:
       raise ValueError("distill.terms is empty; give at least one term, e.g. {'loss': 'ce'}")
     self.student = student
@@ -505,6 +517,14 @@ class Distiller:
     self.views = sorted({c.term.view for c in self.terms} | {PRIMARY_VIEW})
     self.used_teachers = sorted({n for c in self.terms if c.uses_teacher
                                  for n in c.teacher_names})
+    self.cached = tuple(cached)
+    for c in self.terms:
+      for name in set(self.cached) & set(c.teacher_names if c.uses_teacher else ()):
+        if c.term.view != PRIMARY_VIEW or set(c.teacher_taps) != {"logits"}:
+          raise ValueError(f"{c.where}: teacher {name!r} is cached (teacher.cache), which stores "
+                           f"its logits on {PRIMARY_VIEW!r} only, but the term reads "
+                           f"{list(c.teacher_taps)} on {c.term.view!r}; use teacher='logits' or "
+                           "set teacher.cache=''")
     self._heads: dict[str, nn.Module] = {}
 
   @property
@@ -527,8 +547,15 @@ class Distiller:
     teacher_out = {}
     for name in self.used_teachers:
       for view in {c.term.view for c in self.terms if name in c.teacher_names}:
-        out, _ = self.teachers[name](jax.lax.stop_gradient(frozen[name]), batch[view],
-                                     train=False)
+        if name in self.cached:
+          key = cached_logits_key(name)
+          if key not in batch:
+            raise ValueError(f"teacher {name!r} is cached but the batch has no {key!r}; add it "
+                             "with kd_jax.teacher_cache.with_teacher_logits")
+          out = ModelOutput(batch[key])
+        else:
+          out, _ = self.teachers[name](jax.lax.stop_gradient(frozen[name]), batch[view],
+                                       train=False)
         teacher_out[name, view] = jax.lax.stop_gradient(out)
     return student_out, teacher_out, new_state
 
@@ -549,7 +576,7 @@ class Distiller:
     """`variables = {"student": {...}, <teacher name>: {...}}` → (trainable, frozen, extra)."""
     student_vars = dict(variables["student"])
     trainable = {"student": student_vars.pop("params")}
-    frozen = {name: variables[name] for name in self.used_teachers}
+    frozen = {name: variables[name] for name in self.used_teachers if name not in self.cached}
     extra = {"model_state": {"student": student_vars}}
     student_out, teacher_out, _ = jax.eval_shape(
         lambda t, f, b: self._outputs(t, f, extra["model_state"], b, rng, False),

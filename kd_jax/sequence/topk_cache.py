@@ -7,25 +7,14 @@ step, as MaxText's distillation does from stored top-k logits. The store is a
 the teacher's parameters (a sha256), the windows (corpus fingerprint, length, count), k and the
 temperature, so a cache of another teacher or other data is an error, never used.
 """
-import hashlib
-
 import jax
 from jax.experimental import multihost_utils
 import numpy as np
 
 from kd_jax import array_store, losses
+from kd_jax.teacher_cache import params_fingerprint
 
 TOPK_ARRAYS = ("teacher_topk_logits", "teacher_topk_indices", "teacher_logsumexp")
-
-
-def params_fingerprint(variables) -> str:
-  """sha256 of a variables tree: every leaf's path, dtype, shape and bytes."""
-  digest = hashlib.sha256()
-  for path, leaf in jax.tree_util.tree_flatten_with_path(jax.device_get(variables))[0]:
-    leaf = np.asarray(leaf)
-    digest.update(f"{jax.tree_util.keystr(path)}|{leaf.dtype}|{leaf.shape}|".encode())
-    digest.update(np.ascontiguousarray(leaf).tobytes())
-  return digest.hexdigest()
 
 
 def topk_specs(rows: int, length: int, k: int) -> dict:

@@ -1,0 +1,1 @@
+"""Analyses of trained workdirs: layer-by-layer CKA, DisWOT scores of untrained students."""
