@@ -16,9 +16,10 @@ default `backprop_quantization_style='none'`.
 
 Differentiable quantization (§4 of the paper, `learned_points`): each quantized leaf has its own
 L points, trainable, starting at the uniform ones. ∂L/∂p_i = Σ_{j: code_j = i} α_j·∂L/∂q_j (the
-reference's `nonUniformQuantization_variable.backward`); the points are kept sorted after every
-update. Unlike the reference, which alternates epochs that train the weights with epochs that
-train the points, both are trained at every step.
+reference's `nonUniformQuantization_variable.backward`); after every update the points are sorted
+(as the reference does) and clipped to [0, 1], the scaled range (the reference leaves them free;
+on digits a 2-bit KD student at lr 0.1 then diverged). Unlike the reference, which alternates
+epochs that train the weights with epochs that train the points, both are trained every step.
 
 Which leaves are quantized: every leaf of the params tree (weights and biases: the reference
 quantizes every parameter), except those whose path (`"dense1/kernel"`) matches the regex
@@ -197,8 +198,8 @@ class Quantized:
     new = self.method.after_update(old, new)
     if POINTS not in new.trainable:
       return new
-    return new.replace(trainable={**new.trainable,
-                                  POINTS: jax.tree.map(jnp.sort, new.trainable[POINTS])})
+    return new.replace(trainable={**new.trainable, POINTS: jax.tree.map(
+        lambda p: jnp.clip(jnp.sort(p), 0.0, 1.0), new.trainable[POINTS])})
 
 
 def export(path: str, quantizer: Quantizer, params, points=None) -> None:

@@ -114,7 +114,7 @@ def test_5_unknown_config_field_names_it_and_lists_the_group(tmp_path):
   config = _config()
   assert config_checks.unknown_field(config, "student.num_epoch") == (
       "--config.student.num_epoch: config.student has no field 'num_epoch'. Its fields: baseline, "
-      "label_fraction, model, model_kwargs, num_epochs, omit_class. Did you mean "
+      "label_fraction, model, model_kwargs, num_epochs, omit_class, quantize. Did you mean "
       "--config.student.num_epochs or --config.teacher.num_epochs or --config.tune.num_epochs?")
   assert config_checks.unknown_field(config, "studnt.model").endswith("Did you mean --config.student?")
   assert config_checks.unknown_field(config, "student.model_kwargs.hidden_sizes") is None
