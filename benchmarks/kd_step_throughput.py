@@ -10,6 +10,11 @@ timed apart). Both frameworks run in this process with the same thread count; me
 alternate (kd_jax live, kd_jax cached, PyTorch live, ...) so machine load hits all alike, and
 the ratios per round are reported.
 
+kd_jax runs in its default CPU layout (`kd_jax.sharding.use_host_cores`: one host device per
+core, the batch split over the `data` axis of the mesh), live (`jax_cores`) and cached
+(`jax_cached`); `jax` is the same live step on a single device, as before that default.
+`--devices=1` keeps the single device only (then `jax_cores` is that device too).
+
   pip install torch==2.13.0        # benchmark-only dependency, never needed by kd_jax
   python benchmarks/kd_step_throughput.py --rounds 5 --steps 5
   python benchmarks/kd_step_throughput.py --precision bfloat16
@@ -44,13 +49,14 @@ def make_batches(n: int, seed: int = 0):
 
 
 # ----------------------------------------------------------------------------- JAX
-def build_jax(precision: str, cached: bool = False):
-  """The jitted KD step (`cached`: the teacher's logits from the batch); returns `(run, state,
-  compiled, compile_s, (teacher_apply, teacher_variables))`."""
+def build_jax(precision: str, cached: bool = False, mesh=None):
+  """The jitted KD step (`cached`: the teacher's logits from the batch), on one device or, with
+  `mesh`, sharded over its `data` axis as kd_jax's trainer runs it; returns `(run, state,
+  compiled, compile_s, (teacher_apply, teacher_variables), to_device)`."""
   import jax
   import optax
 
-  from kd_jax import models
+  from kd_jax import models, sharding
   from kd_jax.distiller import Distiller, Term, cached_logits_key
   from kd_jax.precision import compute_dtype
   from kd_jax.step import TrainState, make_train_step, per_part_optimizer
@@ -68,15 +74,22 @@ def build_jax(precision: str, cached: bool = False):
   example = make_batches(1)[0]
   if cached:
     example[cached_logits_key("teacher")] = np.zeros((BATCH, CLASSES), np.float32)
-  example = jax.tree.map(jax.numpy.asarray, example)
+  if mesh is None:
+    to_device = lambda batch: jax.tree.map(jax.numpy.asarray, batch)
+  else:
+    to_device = lambda batch: sharding.shard_batch(batch, mesh)
+  example = to_device(example)
   trainable, frozen, extra = distiller.init(
       jax.random.PRNGKey(2), {"student": {"params": params, **model_state},
                               "teacher": {"params": t_params, **t_state}}, example)
   # As kd_jax.trainer builds it: one optimizer per trainable part (here only the student).
   tx = per_part_optimizer(trainable, optax.chain(optax.add_decayed_weights(WEIGHT_DECAY),
                                                  optax.sgd(LR, momentum=MOMENTUM)))
-  step = jax.jit(make_train_step(distiller, tx), donate_argnums=0)
   state = TrainState.create(tx, trainable, frozen, extra)
+  if mesh is None:
+    step = jax.jit(make_train_step(distiller, tx), donate_argnums=0)
+  else:
+    step, state = sharding.shard_train_step(make_train_step(distiller, tx), state, mesh)
   rng = jax.random.PRNGKey(0)
   t0 = time.perf_counter()
   compiled = step.lower(state, example, rng).compile()
@@ -89,7 +102,8 @@ def build_jax(precision: str, cached: bool = False):
     return state, float(metrics["train/loss"])
 
   teacher_variables = {"params": t_params, **t_state}
-  return run, state, compiled, compile_s, (models.make_apply_fn(teacher), teacher_variables)
+  return (run, state, compiled, compile_s, (models.make_apply_fn(teacher), teacher_variables),
+          to_device)
 
 
 def cached_batches(batches, teacher, directory: str):
@@ -297,24 +311,32 @@ def main():
   parser.add_argument("--steps", type=int, default=5, help="steps per round and arm")
   parser.add_argument("--threads", type=int, default=os.cpu_count(), help="PyTorch threads "
                       "(XLA:CPU uses one thread per core)")
+  parser.add_argument("--devices", type=int, default=-1, help="kd_jax's CPU devices: -1 one per "
+                      "core (the default layout), 1 a single device")
   parser.add_argument("--precision", default="float32", choices=("float32", "bfloat16"))
   parser.add_argument("--profile", action="store_true", help="print the JAX step's op breakdown")
   parser.add_argument("--json", default="", help="also write the figures to this file")
   args = parser.parse_args()
 
+  from kd_jax import sharding
+  sharding.use_host_cores([BATCH], requested=args.devices if args.devices != 1 else 0)
   import jax
 
-  jax_run, jax_state, compiled, compile_s, teacher = build_jax(args.precision)
-  cached_run, cached_state, cached_compiled, cached_compile_s, _ = build_jax(args.precision,
-                                                                             cached=True)
+  mesh = sharding.make_mesh([(sharding.DATA_AXIS, -1)]) if len(jax.devices()) > 1 else None
+  jax_run, jax_state, compiled, compile_s, teacher, to_jax = build_jax(args.precision)
+  cores_run, cores_state, cores_compiled, cores_compile_s, _, to_cores = build_jax(
+      args.precision, mesh=mesh)
+  cached_run, cached_state, cached_compiled, cached_compile_s, _, _ = build_jax(
+      args.precision, cached=True, mesh=mesh)
   torch_run, to_torch, torch_params, torch_version = build_torch(args.threads)
   batches = make_batches(args.steps)
   with tempfile.TemporaryDirectory() as directory:
     with_logits, read_s = cached_batches(batches, teacher, os.path.join(directory, "cache"))
-  to_jax = lambda bs: [jax.tree.map(jax.numpy.asarray, b) for b in bs]
-  arms = {"jax": (jax_run, to_jax(batches)), "jax_cached": (cached_run, to_jax(with_logits)),
+  arms = {"jax": (jax_run, [to_jax(b) for b in batches]),
+          "jax_cores": (cores_run, [to_cores(b) for b in batches]),
+          "jax_cached": (cached_run, [to_cores(b) for b in with_logits]),
           "torch": (torch_run, to_torch(batches))}
-  states = {"jax": jax_state, "jax_cached": cached_state, "torch": None}
+  states = {"jax": jax_state, "jax_cores": cores_state, "jax_cached": cached_state, "torch": None}
   for name, (run, arm_batches) in arms.items():  # warm-up (first call, allocations)
     states[name], _ = run(states[name], arm_batches[:1])
 
@@ -332,9 +354,10 @@ def main():
   median = lambda x: round(float(np.median(x)), 3)
   result = {
       "precision": args.precision, "xla_flags": os.environ.get("XLA_FLAGS", ""),
-      "threads": args.threads, "cpu_count": os.cpu_count(),
+      "threads": args.threads, "cpu_count": os.cpu_count(), "jax_devices": len(jax.devices()),
       "load_average_1_5_15min": [round(x, 1) for x in os.getloadavg()], "jax": jax.__version__,
       "torch": torch_version, "jax_compile_s": round(compile_s, 2),
+      "jax_cores_compile_s": round(cores_compile_s, 2),
       "jax_cached_compile_s": round(cached_compile_s, 2),
       "cache_read_ms_per_step": round(1e3 * read_s, 2),
       "gflop_per_step_live_cached": [conv_flop_share(c)["step_gflop"]
@@ -344,16 +367,21 @@ def main():
          for name in arms},
       "speedup_jax_over_torch_per_round": per_round(wall["torch"] / wall["jax"]),
       "speedup_median": median(wall["torch"] / wall["jax"]),
-      "cached_over_live_per_round": per_round(wall["jax"] / wall["jax_cached"]),
-      "cached_over_live_median": median(wall["jax"] / wall["jax_cached"]),
+      # The default layout (all cores) against PyTorch on all cores, and against one device.
+      "cores_over_torch_per_round": per_round(wall["torch"] / wall["jax_cores"]),
+      "cores_over_torch_median": median(wall["torch"] / wall["jax_cores"]),
+      "cores_over_one_device_median": median(wall["jax"] / wall["jax_cores"]),
+      "cached_over_live_per_round": per_round(wall["jax_cores"] / wall["jax_cached"]),
+      "cached_over_live_median": median(wall["jax_cores"] / wall["jax_cached"]),
       "cached_over_torch_live_per_round": per_round(wall["torch"] / wall["jax_cached"]),
       "cached_over_torch_live_median": median(wall["torch"] / wall["jax_cached"]),
       **{f"{name}_cpu_s_per_step": [round(float(x), 3) for x in cpu[name]] for name in arms},
       "cpu_time_speedup_median": median(cpu["torch"] / cpu["jax"]),
-      "cpu_time_cached_over_live_median": median(cpu["jax"] / cpu["jax_cached"]),
+      "cpu_time_cores_over_torch_median": median(cpu["torch"] / cpu["jax_cores"]),
+      "cpu_time_cached_over_live_median": median(cpu["jax_cores"] / cpu["jax_cached"]),
       "cpu_time_cached_over_torch_live_median": median(cpu["torch"] / cpu["jax_cached"]),
       # Both kd_jax states took the same steps on the same batches: equal up to rounding.
-      "last_loss_live_cached": [round(loss["jax"], 6), round(loss["jax_cached"], 6)],
+      "last_loss_live_cores_cached": [round(loss[k], 6) for k in ("jax", "jax_cores", "jax_cached")],
       "torch_params_student_teacher": torch_params,
   }
   if args.profile:

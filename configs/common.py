@@ -27,6 +27,9 @@ def mesh_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.axes = (("data", -1),)  # -1: all remaining devices
   c.rules = ()              # ((param-path regex, partition spec tuple), ...)
+  # CPU only: -1 = one host device per core (as many as divide the batch sizes), 0 = XLA's
+  # single device, N = N devices (kd_jax.sharding.use_host_cores). GPU/TPU are unaffected.
+  c.cpu_devices = -1
   # Multi-host (jax.distributed); empty/0/-1 fall back to JAX_COORDINATOR_ADDRESS,
   # JAX_NUM_PROCESSES, JAX_PROCESS_ID, and to a single process when none is set.
   c.coordinator_address = ""

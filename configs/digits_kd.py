@@ -13,7 +13,8 @@ Args (comma-separated after `:`):
 - `runlocal`: a few steps and a two-recipe grid, for CI;
 - `validate`: train on train[:1000] and evaluate on train[1000:] (no test split at all);
 - `seed=N`; `tune=false`: skip tuning, both arms use shifts ±1, lr 0.05, 30 epochs;
-- `pair=mlp|cnn|vit`: CNN → MLP(64) (default), CNN 32/64 → CNN 16/32, ViT → smaller ViT;
+- `pair=mlp|cnn|vit|cnn_vit|vit_cnn`: CNN → MLP(64) (default), CNN 32/64 → CNN 16/32, ViT →
+  smaller ViT, and the heterogeneous CNN → ViT and ViT → CNN;
 - `terms=A+B+...`: the KD student's terms, CE plus each named loss with the taps and weight of
   `TERMS` below (e.g. `terms=fitnet+kd`, `terms=dkd`; any registered loss name works), and
   `scale=S` multiplying the weights of those terms other than KD (chosen on validation by
@@ -25,6 +26,7 @@ Args (comma-separated after `:`):
 
     python -m kd_jax.main --config=configs/digits_kd.py:pair=cnn,terms=fitnet+kd --workdir=/tmp/fitnet
     python -m kd_jax.main --config=configs/digits_kd.py:omit=3,temperature=8 --workdir=/tmp/omit3
+    python -m kd_jax.main --config=configs/digits_kd.py:pair=cnn_vit,terms=ofa+ofa_stages --workdir=/tmp/ofa
 
 Weights follow RepDistiller's CIFAR-100 defaults where its loss has the same normalisation
 (FitNet 100, AT 1000, SP 3000, RKD 25 (its 25/50 distance/angle), PKT 30000, CC 0.02, VID 1,
@@ -76,14 +78,24 @@ TERMS = {
     "minilmv2_relation": {"weight": 1.0, "student": "stage2", "teacher": "stage3",
                           "hparams": {"num_relation_heads": 2}},
 }
+_VIT_TEACHER = ("vit_tiny", {"patch_size": 2, "hidden_dim": 32, "depth": 3, "num_heads": 2,
+                             "mlp_dim": 64})
+_VIT_STUDENT = ("vit_tiny", {"patch_size": 2, "hidden_dim": 16, "depth": 2, "num_heads": 2,
+                             "mlp_dim": 32})
 PAIRS = {
     "mlp": ("digits_cnn_teacher", {}, "mlp", {"hidden_sizes": (64,)}),
     "cnn": ("digits_cnn_teacher", {}, "digits_cnn_student", {"widths": (16, 32)}),
-    "vit": ("vit_tiny", {"patch_size": 2, "hidden_dim": 32, "depth": 3, "num_heads": 2,
-                         "mlp_dim": 64},
-            "vit_tiny", {"patch_size": 2, "hidden_dim": 16, "depth": 2, "num_heads": 2,
-                         "mlp_dim": 32}),
+    "vit": (*_VIT_TEACHER, *_VIT_STUDENT),
+    # Heterogeneous pairs (OFA's setting; "mlp" above is CNN → MLP).
+    "cnn_vit": ("digits_cnn_teacher", {}, *_VIT_STUDENT),
+    "vit_cnn": (*_VIT_TEACHER, "digits_cnn_student", {"widths": (16, 32)}),
 }
+# OFA's branch projectors (the `ofa_stages` term) per student: the student taps that get a
+# branch, and the branch kind (a ViT's stage taps are token grids, so "tokens", not "conv").
+OFA_BRANCHES = {"mlp": (("stage1",), "linear"), "cnn": (("stage1", "stage2"), "conv"),
+                "vit": (("stage1", "stage2"), "tokens"),
+                "cnn_vit": (("stage1", "stage2"), "tokens"),
+                "vit_cnn": (("stage1", "stage2"), "conv")}
 
 
 # Each student arm's grid (configs.common.kd_config `tune`): 2 × 2 × 2 recipes.
@@ -92,20 +104,26 @@ TUNE = {"validation_examples": 300, "crop_padding": (0, 1), "learning_rate": (0.
 
 
 def terms_from_names(names: str, total_steps: int, scale: float = 1.0,
-                     temperature: float = 4.0) -> tuple:
+                     temperature: float = 4.0, pair: str = "mlp") -> tuple:
   """`"fitnet+kd"` → (CE, FitNet, KD) terms; CE weighs 0.1 when KD is among them, else 1.
-  `scale` multiplies the weights of the terms other than CE and KD (tuned on validation)."""
+  `scale` multiplies the weights of the terms other than CE and KD (tuned on validation).
+  `ofa_stages` is OFA's branch term on `pair`'s student (`OFA_BRANCHES`)."""
   names = [n for n in names.split("+") if n]
   terms = [common.term("ce", weight=0.1 if "kd" in names else 1.0)]
   for name in names:
-    fields = dict(TERMS.get(name, {"weight": 1.0}))
+    if name == "ofa_stages":
+      taps, branch = OFA_BRANCHES[pair]
+      fields = {"loss": "ofa", "name": name, "student": taps, "options": {"branch": branch},
+                "weight": 1.0}
+    else:
+      fields = {"loss": name, **TERMS.get(name, {"weight": 1.0})}
     if name == "kd":
       fields["hparams"] = {"temperature": temperature}
     else:
       fields["weight"] = fields["weight"] * scale
     if name == "dkd":
       fields["warmup_steps"] = max(total_steps // 12, 1)
-    terms.append(common.term(name, **fields))
+    terms.append(common.term(**fields))
   return tuple(terms)
 
 
@@ -144,6 +162,6 @@ def get_config(arg=None):
     c.log.every_steps = 4
   steps_per_epoch = (1000 if args.validate else 1300) // c.data.batch_size
   c.distill.terms = terms_from_names(args.terms, c.student.num_epochs * steps_per_epoch,
-                                     args.scale, args.temperature)
+                                     args.scale, args.temperature, args.pair)
   c.lock()
   return c

@@ -8,7 +8,7 @@ from kd_jax.workdir import config_dict, flatten
 
 # Fields (by last name, in any group) that must be >= the given minimum.
 _MINIMUM = {"batch_size": 1, "eval_batch_size": 1, "num_epochs": 1, "epochs": 1,
-            "every_steps": 1, "keep": 1}
+            "every_steps": 1, "keep": 1, "cpu_devices": -1}
 # Fields (by last name) that must be > 0.
 _POSITIVE = ("learning_rate", "lr")
 

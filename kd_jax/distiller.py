@@ -39,6 +39,7 @@ import jax.numpy as jnp
 
 from kd_jax import losses
 from kd_jax.losses import modules as loss_modules
+from kd_jax.models import ofa_branch
 from kd_jax.models.output import ModelOutput
 from kd_jax.step import TrainState, cross_entropy, hard_labels
 
@@ -170,6 +171,25 @@ class _AdapterHead(nn.Module):
     return adapted, list(teacher), {}
 
 
+class _OFAHead(nn.Module):
+  """OFA's branches: each student tap (a `"none"` kind passes logits through) → logits, each
+  compared with the teacher's logits."""
+  kinds: tuple[str, ...]
+  downsample: tuple[int, ...]
+  width: int
+  blocks: int
+  num_heads: int
+
+  @nn.compact
+  def __call__(self, student, teacher, *, train: bool):
+    num_classes = teacher[0].shape[-1]
+    outs = [x if kind == "none" else
+            ofa_branch.OFABranch(kind, num_classes, self.width or x.shape[-1], down, self.blocks,
+                                 self.num_heads, name=f"branch{k}")(x, train=train)
+            for k, (x, kind, down) in enumerate(zip(student, self.kinds, self.downsample))]
+    return outs, [teacher[0]] * len(outs), {}
+
+
 class _VIDHead(nn.Module):
   hidden_features: int
 
@@ -269,6 +289,9 @@ OPTIONS = {
     "ft": {"rate": 0.5, "paraphraser_steps": 100},
     "reviewkd_hcl": {"mid_channels": 0},      # 0: the smallest teacher width
     "meal_v2_discriminator": {"reduction": 2, "final_relu": True, "adversarial": False},
+    # branch: "auto" (by the tap's rank), "conv", "tokens" or "linear"; width 0: the widest
+    # student tap; final_grid 0: the smallest grid among the student taps.
+    "ofa": {"branch": "auto", "width": 0, "final_grid": 0, "blocks": 1, "num_heads": 4},
 }
 
 
@@ -339,6 +362,8 @@ class _Compiled:
       return _USKDHead(student[0].shape[-1])
     if loss == "meal_v2_discriminator":
       return _DiscriminatorHead(o["reduction"], o["final_relu"])
+    if loss == "ofa" and set(self.student_taps) != {"logits"}:
+      return self._ofa_head(student, teacher)
     if len(student) != len(teacher):
       raise ValueError(f"{self.where}: {len(student)} student taps but {len(teacher)} teacher "
                        "taps; give one teacher tap per student tap")
@@ -346,6 +371,24 @@ class _Compiled:
     if all(k == "none" for k in kinds):
       return None
     return _AdapterHead(kinds, tuple(t.shape[-1] for t in teacher))
+
+  def _ofa_head(self, student, teacher) -> nn.Module:
+    o = self.options
+    if self.teacher_taps != ("logits",):
+      raise ValueError(f"OFA's branches are compared with the teacher's logits; give "
+                       f"teacher='logits', not {self.teacher_taps}")
+    if o["branch"] not in ("auto", *ofa_branch.BRANCH_KINDS):
+      raise ValueError(f"options.branch={o['branch']!r} is unknown; valid: auto, "
+                       f"{', '.join(ofa_branch.BRANCH_KINDS)}")
+    kinds = tuple("none" if name == "logits" else
+                  ofa_branch.default_kind(x) if o["branch"] == "auto" else o["branch"]
+                  for name, x in zip(self.student_taps, student))
+    grids = [_grid_side(x) for x, kind in zip(student, kinds) if kind in ("conv", "tokens")]
+    final = o["final_grid"] or min(grids, default=0)
+    downsample = tuple(ofa_branch.halvings(_grid_side(x), final) if kind in ("conv", "tokens")
+                       else 0 for x, kind in zip(student, kinds))
+    width = o["width"] or max(x.shape[-1] for x, kind in zip(student, kinds) if kind != "none")
+    return _OFAHead(kinds, downsample, width, o["blocks"], o["num_heads"])
 
   def _adapter_kind(self, student, teacher) -> str:
     kind = self.term.adapter
@@ -439,6 +482,11 @@ class _Compiled:
         raise ValueError(f"{self.where}: the batch has no {missing}")
       calls.append(args)
     return calls
+
+
+def _grid_side(x) -> int:
+  """The side of a map `[B, H, W, C]` (H) or a square token sequence `[B, T, D]` (√T)."""
+  return x.shape[1] if len(x.shape) == 4 else math.isqrt(x.shape[1])
 
 
 def _as_input(name: str, x: jax.Array) -> jax.Array:

@@ -26,6 +26,9 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metr
 flags.mark_flags_as_required(["config", "workdir"])
 
 _JOBS = ("kd", "regimes", "sequence", "distill_dataset")
+# Jobs whose steps shard every batch over the mesh's `data` axis: on CPU they get one host
+# device per core (kd_jax.sharding.use_host_cores).
+_DATA_PARALLEL_JOBS = ("kd", "regimes", "sequence")
 # Config fields (by last name) that hold paths, named in messages about OS errors.
 _PATH_FIELDS = ("data_dir", "directory", "checkpoint")
 
@@ -96,10 +99,14 @@ def _run(config, workdir: str) -> None:
       "JAX_COMPILATION_CACHE_DIR", os.path.expanduser("~/.cache/kd_jax/xla")))
   if "mesh" in config:
     from kd_jax import sharding  # pylint: disable=g-import-not-at-top
-    sharding.initialize_distributed(config.mesh.get("coordinator_address") or None,
-                                    config.mesh.get("num_processes") or None,
-                                    None if config.mesh.get("process_id", -1) < 0
-                                    else config.mesh.process_id)
+    joined = sharding.initialize_distributed(config.mesh.get("coordinator_address") or None,
+                                             config.mesh.get("num_processes") or None,
+                                             None if config.mesh.get("process_id", -1) < 0
+                                             else config.mesh.process_id)
+    if not joined and config.job in _DATA_PARALLEL_JOBS:
+      batch_sizes = [v for k, v in workdir_lib.flatten(resolved).items()
+                     if k.endswith("batch_size") and isinstance(v, int) and v > 0]
+      sharding.use_host_cores(batch_sizes, config.mesh.axes, config.mesh.get("cpu_devices", -1))
   workdir_lib.check_path(workdir)
   if workdir_lib.check_config(workdir, resolved):
     results = workdir_lib.read_results(workdir)

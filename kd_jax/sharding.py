@@ -13,6 +13,9 @@ Everything runs under plain `jax.jit` with `NamedSharding`s; there is no pmap.
 * Optimizer state follows its parameter: a leaf of `opt_state` whose path ends with a
   parameter's path (and has its shape) gets that parameter's sharding.
 * Batches are sharded on their leading dimension over `data` and `fsdp` together.
+* On CPU, `use_host_cores` splits the host into one XLA device per core before JAX starts, so
+  the `data` axis spreads each batch over all cores (XLA:CPU runs one device's convolutions on
+  few threads; see `benchmarks/RESULTS.md`, "KD-step throughput").
 * Trajectory matching may add a `segment` axis: several (expert, start epoch) segments per
   iteration, one per device group (`kd_jax.dataset_distill.matching`).
 """
@@ -244,6 +247,50 @@ def barrier(name: str) -> None:
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     multihost_utils.sync_global_devices(name)
+
+
+def host_device_count(cores: int, batch_sizes: Sequence[int], fixed_axes: int = 1) -> int:
+  """The most host devices, at most `cores`, that divide every batch size and are a multiple of
+  the mesh's fixed axis sizes (`fixed_axes`, their product); 1 when none is more than 1."""
+  common = int(np.gcd.reduce([int(b) for b in batch_sizes])) if batch_sizes else 1
+  return next((n for n in range(max(cores, 1), 1, -1)
+               if common % n == 0 and n % fixed_axes == 0), 1)
+
+
+def use_host_cores(batch_sizes: Sequence[int], axes: Sequence[tuple[str, int]] = ((DATA_AXIS, -1),),
+                   requested: int = -1) -> int:
+  """Makes the CPU platform one XLA device per core (`jax_num_cpu_devices`), before JAX starts.
+
+  One XLA:CPU device runs a step's ops on few threads; several host devices on the `data` axis
+  run the batch's shards in parallel. The count is the largest one, at most the cores this
+  process may use, that divides every batch size (and fits `axes`' fixed sizes). It changes only
+  the CPU platform: on GPU/TPU the mesh is built from the accelerators as before.
+
+  Args:
+    batch_sizes: every batch the job shards (train, eval, ...).
+    axes: the config's `mesh.axes`.
+    requested: `mesh.cpu_devices`: -1 picks as above, 0 leaves XLA's default (one device), N > 0
+      asks for exactly N.
+
+  Returns:
+    The CPU device count set, or 0 when left alone: `requested` is 0, the user already chose one
+    (`--xla_force_host_platform_device_count` in `XLA_FLAGS`, or `jax_num_cpu_devices`), or JAX's
+    backends have already started.
+  """
+  if requested == 0 or "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
+    return 0
+  if jax.config.jax_num_cpu_devices != -1:
+    return 0
+  fixed = int(np.prod([size for _, size in axes if size != -1]))
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  count = requested if requested > 0 else host_device_count(cores or 1, batch_sizes, fixed)
+  if count <= 1:
+    return 0
+  try:
+    jax.config.update("jax_num_cpu_devices", count)
+  except RuntimeError:  # the backends have started: the device count is fixed
+    return 0
+  return count
 
 
 def initialize_distributed(coordinator_address: str | None = None,

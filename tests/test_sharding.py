@@ -172,3 +172,49 @@ def test_initialize_distributed_is_a_noop_for_one_process(monkeypatch):
   monkeypatch.setenv("JAX_NUM_PROCESSES", "2")
   with pytest.raises(ValueError, match="coordinator_address"):
     sharding.initialize_distributed()
+
+
+@pytest.mark.parametrize("cores, batches, fixed, expected", [
+    (2, [64, 500], 1, 2),     # the digits job on 2 cores
+    (8, [64, 500], 1, 4),     # gcd 4: four devices, not eight
+    (6, [64, 96], 1, 4),      # 6 does not divide 64: the largest that does
+    (8, [64], 2, 8),          # an fsdp axis of 2 needs an even count
+    (4, [6], 4, 1),           # nothing above 1 fits: leave one device
+    (1, [64], 1, 1),
+])
+def test_host_device_count_divides_every_batch(cores, batches, fixed, expected):
+  count = sharding.host_device_count(cores, batches, fixed)
+  assert count == expected
+  assert all(b % count == 0 for b in batches) and (count == 1 or count % fixed == 0)
+
+
+def _devices_after_use_host_cores(code_args: str, env_flags: str = "") -> list:
+  """Runs `use_host_cores(...)` in a fresh interpreter (before JAX starts), returns
+  [its return value, the CPU device count]."""
+  import os
+  import subprocess
+  import sys
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env["XLA_FLAGS"] = env_flags
+  code = ("import json, jax\nfrom kd_jax import sharding\n"
+          f"n = sharding.use_host_cores({code_args})\n"
+          "print(json.dumps([n, len(jax.devices('cpu'))]))")
+  out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       check=True, timeout=120)
+  return __import__("json").loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_use_host_cores_splits_the_cpu_and_respects_the_users_choice():
+  # Asked for 2 devices explicitly (the CI machine may have any number of cores).
+  assert _devices_after_use_host_cores("[64, 500], requested=2") == [2, 2]
+  # 0 leaves XLA's single device; a device count in XLA_FLAGS is the user's and wins.
+  assert _devices_after_use_host_cores("[64], requested=0") == [0, 1]
+  assert _devices_after_use_host_cores(
+      "[64]", "--xla_force_host_platform_device_count=3") == [0, 3]
+
+
+def test_use_host_cores_is_a_noop_once_jax_has_started(monkeypatch):
+  jax.devices()  # this process's backends are up (8 devices from conftest's XLA_FLAGS)
+  monkeypatch.setenv("XLA_FLAGS", "")  # so only the started backends stop it
+  assert sharding.use_host_cores([64], requested=2) == 0
+  assert len(jax.devices()) == 8
