@@ -23,11 +23,13 @@ so a config section can be given as it is.
 One writer: in a multi-host run only process 0 builds; the others wait for it (a barrier) and
 then `open_store`.
 """
+import hashlib
 import json
 import os
 import re
 from typing import Callable
 
+import jax
 import numpy as np
 from numpy.typing import DTypeLike
 
@@ -194,3 +196,13 @@ def build(directory: str, metadata: dict, arrays: ArraySpecs,
     bar.close()
   os.rename(partial, directory)
   return open_store(directory, metadata, arrays)
+
+
+def params_fingerprint(variables) -> str:
+  """sha256 of a variables tree: every leaf's path, dtype, shape and bytes."""
+  digest = hashlib.sha256()
+  for path, leaf in jax.tree_util.tree_flatten_with_path(jax.device_get(variables))[0]:
+    leaf = np.asarray(leaf)
+    digest.update(f"{jax.tree_util.keystr(path)}|{leaf.dtype}|{leaf.shape}|".encode())
+    digest.update(np.ascontiguousarray(leaf).tobytes())
+  return digest.hexdigest()

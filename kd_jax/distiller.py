@@ -19,7 +19,9 @@ from one teacher (or a tuple of teachers, stacked), on one batch view (`"image"`
   memory bank in the loss state), FT's paraphraser (pre-trained by reconstruction for
   `options.paraphraser_steps`, then frozen) and translator, ReviewKD's attention fusion, USKD's
   weak head, MEAL V2's discriminator (with its own optimizer; `options.adversarial` makes it
-  climb the loss the student descends).
+  climb the loss the student descends), OFA's branch projectors (an `ofa` term on student
+  stage taps: each tap → logits by `kd_jax.models.ofa_branch.OFABranch`, compared with the
+  teacher's logits; for heterogeneous pairs).
 
 Loss state lives in `extra[term.name]`: CRD's memory, ND's running teacher class means, OFD's
 running per-channel margins (the mean of the teacher's negative responses). Every term's value

@@ -124,16 +124,23 @@ def loop_options(config) -> trainer.LoopOptions:
 
 def format_table(rows: list[dict]) -> str:
   """The table a job prints: each row's stage, model, size, test accuracy and recipe; with an
-  omitted class (KD job) also the accuracy on that class and the `+bias` rows' fitted bias."""
+  omitted class (KD job) also the accuracy on that class and the `+bias` rows' fitted bias; with
+  quantized students their size in bits and their full-precision shadows' accuracy."""
   omitted = "omitted_class_accuracy" in rows[0]
+  quantized = any("full_precision_accuracy" in r for r in rows)
   header = f"{'stage':<28} {'model':<20} {'params':>8} {'test acc':>9}"
   header += f" {'omitted':>8} {'bias':>5}" if omitted else ""
+  header += f" {'bits':>10} {'f32 acc':>8}" if quantized else ""
   lines = [header + "  recipe", "-" * (len(header) + 31)]
   for r in rows:
     line = f"{r['stage']:<28} {r['model']:<20} {r['params']:>8,} {100 * r['accuracy']:>8.2f}%"
     if omitted:
       bias = f"{r['class_bias']:>5.2f}" if "class_bias" in r else " " * 5
       line += f" {100 * r['omitted_class_accuracy']:>7.2f}% {bias}"
+    if quantized:
+      shadows = r.get("full_precision_accuracy")
+      line += f" {r.get('bits', 0):>10,} " + (f"{100 * shadows:>7.2f}%" if shadows is not None
+                                               else " " * 8)
     lines.append(f"{line}  {r.get('recipe', '')}")
   return "\n".join(lines)
 

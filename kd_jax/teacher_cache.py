@@ -42,16 +42,6 @@ from kd_jax import array_store, losses
 from kd_jax.distiller import cached_logits_key
 
 
-def params_fingerprint(variables) -> str:
-  """sha256 of a variables tree: every leaf's path, dtype, shape and bytes."""
-  digest = hashlib.sha256()
-  for path, leaf in jax.tree_util.tree_flatten_with_path(jax.device_get(variables))[0]:
-    leaf = np.asarray(leaf)
-    digest.update(f"{jax.tree_util.keystr(path)}|{leaf.dtype}|{leaf.shape}|".encode())
-    digest.update(np.ascontiguousarray(leaf).tobytes())
-  return digest.hexdigest()
-
-
 def cache_specs(storage: str, num_steps: int, rows: int, num_classes: int) -> dict:
   """`{name: (shape, dtype)}` of a cache of `num_steps` steps of `rows` rows (see the module
   docstring); a bad `storage` is a ValueError naming `teacher.cache`."""
@@ -151,7 +141,7 @@ def build(directory: str, batches, apply_fn, variables, *, num_steps: int, stora
   num_classes = jax.eval_shape(lambda x: apply_fn(variables, x, train=False)[0].logits,
                                first["image"]).shape[-1]
   specs = cache_specs(storage, num_steps, len(first["index"]), num_classes)
-  metadata = {**metadata, "teacher_params": params_fingerprint(variables), "storage": storage,
+  metadata = {**metadata, "teacher_params": array_store.params_fingerprint(variables), "storage": storage,
               "num_steps": num_steps, "process": [jax.process_index(), jax.process_count()]}
   names = [name for name in specs if name not in ("index", "digest")]
   device_variables = jax.device_put(variables)

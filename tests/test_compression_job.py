@@ -40,6 +40,10 @@ def test_quantized_student_on_pruned_data(digits_data_dir, tmp_path, monkeypatch
   # MLP 64 at 2 bits: 4,810 codes; 16 + 1 + 3 + 1 buckets of (scale, offset); 4 leaves × 4 points.
   assert student["bits"] == 4810 * 2 + 21 * 2 * 32 + 4 * 4 * 32
   assert 0 <= student["full_precision_accuracy"] <= 1
+  # The printed table shows both: the size in bits and the shadows' accuracy.
+  student_line = experiment.format_table(rows).splitlines()[-1]
+  assert f"{student['bits']:,}" in student_line
+  assert f"{100 * student['full_precision_accuracy']:.2f}%" in student_line
 
   # The exported codes, scales and learned points give the evaluated (quantized) student.
   exp = experiment.Experiment(config)

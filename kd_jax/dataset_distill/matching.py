@@ -61,10 +61,15 @@ class InnerStep:
 
   `step.loss(theta, images, labels, indices, key)` is the inner loss ℓ; `TrajectoryMatcher`'s
   backward pass differentiates it directly (the step's Jacobian in θ, I − αH, is symmetric).
+  That holds for this plain SGD update only: a subclass with another update (weight decay,
+  momentum) must use the `"unrolled"` mode, or fold its term into `loss` (weight decay is
+  ℓ + wd/2·‖θ‖²). `label_kind` (see `label_targets`; None: unknown) lets the matcher check that
+  learned logits are learned.
   """
 
-  def __init__(self, loss: Callable):
+  def __init__(self, loss: Callable, label_kind: str | None = None):
     self.loss = loss
+    self.label_kind = label_kind
 
   def __call__(self, theta, images, labels, lr, indices, key):
     return sgd_update(theta, jax.grad(self.loss)(theta, images, labels, indices, key), lr)
@@ -100,7 +105,7 @@ def make_inner_step(apply_fn, unravel: Callable, *, label_kind: str = "hard",
                            batch, 0, key)
     return value
 
-  return InnerStep(loss)
+  return InnerStep(loss, label_kind)
 
 
 def parameter_distance_loss(theta_n, theta_start, theta_target):
@@ -134,6 +139,20 @@ class TrajectoryMatcher:
                segments: int = 1, mesh: Mesh | None = None):
     if mode not in MODES:
       raise ValueError(f"trajectory matching mode must be one of {MODES}, got {mode!r}")
+    if mode != "unrolled" and (not isinstance(step_fn, InnerStep)
+                               or type(step_fn).__call__ is not InnerStep.__call__):
+      raise ValueError(f"mode={mode!r} differentiates the plain SGD update θ − α·∇ℓ through "
+                       f"InnerStep.loss, but {type(step_fn).__name__} has its own update, so the "
+                       "gradient would be wrong; use mode='unrolled', or put the extra term into "
+                       "the loss (weight decay: ℓ + wd/2·‖θ‖²) and keep InnerStep's update")
+    label_kind = getattr(step_fn, "label_kind", None)
+    if label_kind == "logits" and not learn_labels:
+      raise ValueError("the inner step trains on learned label logits (label_kind='logits') but "
+                       "learn_labels=False would drop their gradient; pass learn_labels=True, or "
+                       "label_kind='probs' for fixed soft labels")
+    if label_kind == "hard" and learn_labels:
+      raise ValueError("learn_labels=True needs labels with a gradient, but label_kind='hard' "
+                       "labels are class ids; use label_kind='logits' (DATM) to learn them")
     if segments < 1:
       raise ValueError(f"segments (distill.segments) must be >= 1, got {segments}")
     if mesh is not None and segments % sharding.axis_size(mesh, _segment_axis(mesh)):

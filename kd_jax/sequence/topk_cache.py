@@ -12,7 +12,6 @@ from jax.experimental import multihost_utils
 import numpy as np
 
 from kd_jax import array_store, losses
-from kd_jax.teacher_cache import params_fingerprint
 
 TOPK_ARRAYS = ("teacher_topk_logits", "teacher_topk_indices", "teacher_logsumexp")
 
@@ -42,7 +41,7 @@ def build_topk_cache(directory: str, apply_fn, variables, windows: np.ndarray, *
     kd_jax.array_store.StaleStoreError: `directory` holds another teacher's or data's cache.
   """
   rows, length = windows.shape[0], windows.shape[1] - 1
-  metadata = {"teacher": params_fingerprint(variables), "data": data_fingerprint,
+  metadata = {"teacher": array_store.params_fingerprint(variables), "data": data_fingerprint,
               "windows": rows, "length": length, "k": k, "temperature": temperature}
   specs = topk_specs(rows, length, k)
 

@@ -9,7 +9,7 @@ from configs import dd_digits
 from dd_tiny_model import tiny_model
 from kd_jax.data.dsa import diff_augment
 from kd_jax.dataset_distill import run as run_lib
-from kd_jax.dataset_distill.matching import (TrajectoryMatcher, make_inner_step, minibatch_plan,
+from kd_jax.dataset_distill.matching import (InnerStep, TrajectoryMatcher, make_inner_step, minibatch_plan,
                                              parameter_distance_loss)
 from kd_jax.step import cross_entropy
 
@@ -95,6 +95,35 @@ def test_bad_mode_and_label_kind_raise():
     TrajectoryMatcher(lambda *a: None, mode="approx")
   with pytest.raises(ValueError, match="label_kind"):
     make_inner_step(None, None, label_kind="onehot")
+
+
+class _WeightDecayStep(InnerStep):
+  """SGD with decoupled weight decay: θ − α·(∇ℓ + wd·θ), an update the exact pass does not see."""
+
+  def __call__(self, theta, images, labels, lr, indices, key):
+    return super().__call__(theta, images, labels, lr, indices, key) - lr * 0.5 * theta
+
+
+def test_exact_and_tesla_refuse_an_inner_step_with_its_own_update():
+  step, args, _ = _problem(jnp.float32, None)
+  decayed = _WeightDecayStep(step.loss, step.label_kind)
+  for mode in ("exact", "tesla"):
+    with pytest.raises(ValueError, match="use mode='unrolled'"):
+      TrajectoryMatcher(decayed, mode=mode, learn_labels=True)
+  # Unrolled autodiff sees the whole update: its gradient is the decayed trajectory's.
+  _, unrolled = TrajectoryMatcher(decayed, mode="unrolled", learn_labels=True)(*args)
+  _, plain = TrajectoryMatcher(step, mode="unrolled", learn_labels=True)(*args)
+  assert _rel(unrolled.images, plain.images) > 1e-3
+
+
+def test_label_kind_and_learn_labels_must_agree():
+  step, _, (apply_fn, unravel) = _problem(jnp.float32, None)
+  with pytest.raises(ValueError, match="learn_labels=False would drop their gradient"):
+    TrajectoryMatcher(step, mode="exact", learn_labels=False)
+  hard = make_inner_step(apply_fn, unravel, label_kind="hard")
+  with pytest.raises(ValueError, match="label_kind='hard' labels are class ids"):
+    TrajectoryMatcher(hard, mode="exact", learn_labels=True)
+  TrajectoryMatcher(make_inner_step(apply_fn, unravel, label_kind="probs"), mode="exact")
 
 
 def test_distill_job_rejects_a_model_with_batch_stats(tmp_path, digits_data_dir):

@@ -33,7 +33,7 @@ def test_runlocal_trains_teacher_and_arms_and_reuses_the_cache(tmp_path):
   cache_dir = str(tmp_path / "teacher_topk")
   stored = json.load(open(os.path.join(cache_dir, array_store.STORE_FILE)))["metadata"]
   with pytest.raises(array_store.StaleStoreError, match="teacher"):
-    array_store.open_store(cache_dir, {**stored, "teacher": topk_cache.params_fingerprint({"x": 0})})
+    array_store.open_store(cache_dir, {**stored, "teacher": array_store.params_fingerprint({"x": 0})})
 
 
 def test_with_topk_adds_each_rows_cached_outputs():
