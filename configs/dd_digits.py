@@ -35,7 +35,8 @@ def dd_config() -> ml_collections.ConfigDict:
       ipc=10, iterations=5000, syn_steps=30, expert_epochs=2, min_start_epoch=0,
       current_max_start_epoch=20, max_start_epoch=20, expansion_end_epoch=0, batch_syn=0,
       lr_img=1000.0, lr_lr=1e-5, lr_label=2.0, momentum_label=0.9, lr_init=0.01,
-      image_init="real", label_kind="hard", mode="exact", threshold=0.0, segments=1))
+      image_init="real", label_kind="hard", mode="exact", threshold=0.0, segments=1,
+      keep_every=1))
   c.mesh = common.mesh_config()
   c.eval = ml_collections.ConfigDict(dict(
       num_nets=5, epochs=1000, batch_size=256, fixed_lr=0.01, every=1000, curve_nets=5,

@@ -25,10 +25,12 @@ LOCK_FILE = ".lock"
 # Fields that cannot change results: where logs go and how often, checkpoint cadence and
 # retention (a resumed run is identical to an uninterrupted one), how hosts find each other,
 # how many devices the CPU is split into (the same sharded step; only float rounding moves),
+# which trajectory-matching states are kept rather than recomputed (the same gradient),
 # and where the dataset is stored (its name and splits are part of the fingerprint).
 # A group name covers all its fields.
 IGNORED_FIELDS = ("log", "checkpoint.every_steps", "checkpoint.keep", "mesh.coordinator_address",
-                  "mesh.num_processes", "mesh.process_id", "mesh.cpu_devices", "data.data_dir")
+                  "mesh.num_processes", "mesh.process_id", "mesh.cpu_devices", "data.data_dir",
+                  "distill.keep_every")
 
 
 class WorkdirError(ValueError):

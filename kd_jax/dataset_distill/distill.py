@@ -55,6 +55,7 @@ class MatchingConfig:
   threshold: float | None = None
   seed: int = 0
   segments: int = 1              # (expert, start epoch) pairs matched per iteration
+  keep_every: int = 1            # exact/tesla: θ kept every k steps, the rest recomputed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,7 +128,7 @@ def distill(trajectories: np.ndarray, apply_fn, unravel: Callable, synthetic: Sy
   learn_labels = synthetic.label_kind == "logits"
   step = make_inner_step(apply_fn, unravel, label_kind=synthetic.label_kind, augment=augment)
   matcher = TrajectoryMatcher(step, mode=config.mode, learn_labels=learn_labels,
-                              segments=config.segments, mesh=mesh)
+                              segments=config.segments, mesh=mesh, keep_every=config.keep_every)
   optimizers = {"images": optax.sgd(config.lr_img, momentum=0.5),
                 "lr": optax.sgd(config.lr_lr, momentum=0.5)}
   if learn_labels:

@@ -10,7 +10,10 @@ Gradient modes (docs/design.md, "Dataset distillation"):
   "exact"    two passes. The forward stores θ_0..θ_N (N·P floats, no activations); the backward
              recomputes one step at θ_i with cotangent λ_{i+1}, giving λ_i = (I − α H_i) λ_{i+1}
              and accumulating ∂L/∂X, ∂L/∂Y, ∂L/∂α (`TrajectoryMatcher._vjp_step`). Identical to
-             unrolled autodiff; activation memory is one step's for any N.
+             unrolled autodiff; activation memory is one step's for any N. With
+             `keep_every=k` the forward keeps only θ_0, θ_k, θ_2k, ... (and θ_N) and the
+             backward recomputes each block's k − 1 others from its first: ⌈N/k⌉ + k − 1 stored
+             θ instead of N + 1, for N·(k − 1)/k more forward steps; the same gradient.
   "tesla"    TESLA's released approximation (Cui et al., ICML 2023): the same loop with λ frozen
              at λ_N = 2(θ_N − θ*)/D, i.e. ∂L/∂X ≈ Σ_i −α (∂g_i/∂X)ᵀ λ_N. It drops every
              Hessian term (I − αH_j) between step i and N, so it is exact only when αH ≪ 1
@@ -136,9 +139,11 @@ class TrajectoryMatcher:
   """
 
   def __init__(self, step_fn: InnerStep, *, mode: str = "exact", learn_labels: bool = False,
-               segments: int = 1, mesh: Mesh | None = None):
+               segments: int = 1, mesh: Mesh | None = None, keep_every: int = 1):
     if mode not in MODES:
       raise ValueError(f"trajectory matching mode must be one of {MODES}, got {mode!r}")
+    if keep_every < 1:
+      raise ValueError(f"keep_every (distill.keep_every) must be >= 1, got {keep_every}")
     if mode != "unrolled" and (not isinstance(step_fn, InnerStep)
                                or type(step_fn).__call__ is not InnerStep.__call__):
       raise ValueError(f"mode={mode!r} differentiates the plain SGD update θ − α·∇ℓ through "
@@ -161,6 +166,7 @@ class TrajectoryMatcher:
                        f"{sharding.axis_size(mesh, _segment_axis(mesh))}; change one of them")
     self.mode = mode
     self.learn_labels = learn_labels
+    self.keep_every = keep_every
     self.segments = segments
     self.mesh = mesh
     self._batch_axes = (sharding.batch_axes(mesh) or None) if mesh is not None else None
@@ -270,13 +276,18 @@ class TrajectoryMatcher:
           f"; change batch_syn, or put devices on a {sharding.SEGMENT_AXIS!r} axis and raise "
           "distill.segments")
 
-  def forward(self, theta_start, images, labels, lr, indices, keys) -> list[jax.Array]:
-    """θ_0..θ_N, each `[P]` (`[G, P]`): the only state the exact backward pass keeps."""
-    thetas = [theta_start]
-    for i in range(indices.shape[-2]):
-      thetas.append(self.step(thetas[-1], images, labels, lr, self._batch(indices, i),
-                              keys[..., i]))
-    return thetas
+  def forward(self, theta_start, images, labels, lr, indices, keys, start: int = 0,
+              stop: int | None = None, keep_every: int = 1) -> dict[int, jax.Array]:
+    """`{i: θ_i}` for the steps `start..stop` (default all N) whose offset from `start` is a
+    multiple of `keep_every`, and `stop`; each `[P]` (`[G, P]`). With `keep_every=1` it is
+    θ_0..θ_N, the only state the exact backward pass keeps."""
+    stop = indices.shape[-2] if stop is None else stop
+    kept, theta = {start: theta_start}, theta_start
+    for i in range(start, stop):
+      theta = self.step(theta, images, labels, lr, self._batch(indices, i), keys[..., i])
+      if (i + 1 - start) % keep_every == 0 or i + 1 == stop:
+        kept[i + 1] = theta
+    return kept
 
   def _batch(self, indices, i):
     """Step i's minibatch indices, `[batch_syn]` (`[G, batch_syn]`), split over the data axes."""
@@ -294,14 +305,18 @@ class TrajectoryMatcher:
       loss, grads = self.unrolled(theta_start, theta_target, images, labels, lr,
                                   self._place(indices, None, self._batch_axes), keys)
     else:
-      thetas = self.forward(theta_start, images, labels, lr, indices, keys)
-      loss, lam_n = self.loss_and_cotangent(thetas[-1], theta_start, theta_target)
+      num_steps, k = indices.shape[-2], self.keep_every
+      kept = self.forward(theta_start, images, labels, lr, indices, keys, keep_every=k)
+      loss, lam_n = self.loss_and_cotangent(kept.pop(num_steps), theta_start, theta_target)
       lam = lam_n
       grads = jax.tree.map(jnp.zeros_like, self._learnable(images, labels, lr))
-      for i in reversed(range(indices.shape[-2])):
-        lam, grads = self.vjp_step(thetas[i], images, labels, lr, self._batch(indices, i),
-                                   keys[..., i], lam if self.mode == "exact" else lam_n, grads)
-        thetas[i + 1] = None  # θ_{i+1} is no longer needed
+      for block in reversed(range(0, num_steps, k)):  # steps block..end-1 from θ_block
+        end = min(block + k, num_steps)
+        thetas = self.forward(kept.pop(block), images, labels, lr, indices, keys, block,
+                              end - 1) if end - 1 > block else {block: kept.pop(block)}
+        for i in reversed(range(block, end)):
+          lam, grads = self.vjp_step(thetas.pop(i), images, labels, lr, self._batch(indices, i),
+                                     keys[..., i], lam if self.mode == "exact" else lam_n, grads)
     return loss, SyntheticGrads(images=grads["images"], labels=grads.get("labels"),
                                 lr=grads["lr"])
 

@@ -15,7 +15,8 @@
   distill.image_init ("real" | "real_correct" | "noise"),
   distill.label_kind ("hard" MTT | "probs" TESLA | "logits" DATM),
   distill.mode ("exact" | "tesla" | "unrolled"), distill.threshold (<= 0: never skip),
-  distill.segments ((expert, start epoch) pairs matched per iteration; 1 = MTT)
+  distill.segments ((expert, start epoch) pairs matched per iteration; 1 = MTT),
+  distill.keep_every (exact/tesla: keep every k-th θ, recompute the rest; 1 = keep all)
   mesh.axes (`data` splits every expert and synthetic minibatch; `segment` runs the segments
   one per device group, e.g. (("segment", 4), ("data", -1))), mesh.rules (experts' params;
   the matched θ is one flat vector, replicated)
@@ -199,7 +200,7 @@ def run(config, workdir) -> dict:
       batch_syn=d.batch_syn or images.shape[0], lr_img=d.lr_img, lr_lr=d.lr_lr,
       lr_label=d.lr_label, momentum_label=d.momentum_label, mode=d.mode,
       threshold=d.threshold if d.threshold > 0 else None, seed=config.seed,
-      segments=d.segments)
+      segments=d.segments, keep_every=d.keep_every)
   t1 = time.time()
   result = distill(trajectories, apply_fn, unravel, synthetic, matching, recording,
                    augment=augment, mesh=mesh, callback=callback)

@@ -16,15 +16,15 @@ from kd_jax.step import cross_entropy
 NUM_STEPS, NUM_IMAGES, BATCH_SYN = 2, 4, 2
 
 
-def _problem(dtype, augment):
+def _problem(dtype, augment, num_steps=NUM_STEPS):
   apply_fn, params = tiny_model(jax.random.key(0), dtype=dtype)
   theta0, unravel = ravel_pytree(params)
   k = jax.random.split(jax.random.key(1), 4)
   images = jax.random.normal(k[0], (NUM_IMAGES, 8, 8, 1), dtype)
   label_logits = jax.random.normal(k[1], (NUM_IMAGES, 3), dtype)
   target = theta0 + 0.05 * jax.random.normal(k[2], theta0.shape, dtype)
-  indices = minibatch_plan(np.random.default_rng(0), NUM_IMAGES, BATCH_SYN, NUM_STEPS)
-  keys = jax.random.split(k[3], NUM_STEPS)
+  indices = minibatch_plan(np.random.default_rng(0), NUM_IMAGES, BATCH_SYN, num_steps)
+  keys = jax.random.split(k[3], num_steps)
   step = make_inner_step(apply_fn, unravel, label_kind="logits", augment=augment)
   lr = jnp.asarray(0.3, dtype)  # large α·H so that the Hessian terms matter
   return step, (theta0, target, images, label_logits, lr, indices, keys), (apply_fn, unravel)
@@ -79,6 +79,24 @@ def test_tesla_matches_its_formula():
   want = jax.grad(surrogate, argnums=(0, 1, 2))(images, label_logits, lr)
   for name, w in zip(("images", "labels", "lr"), want):
     assert _rel(getattr(tesla, name), w) <= 1e-4, name
+
+
+@pytest.mark.parametrize("mode", ["exact", "tesla"])
+def test_keeping_every_kth_theta_gives_the_same_gradient(mode):
+  # 5 steps: blocks of 2 (θ_0, θ_2, θ_4 kept, θ_1 and θ_3 recomputed) and of 3 (θ_0, θ_3).
+  step, args, _ = _problem(jnp.float32, None, num_steps=5)
+  loss_all, all_kept = TrajectoryMatcher(step, mode=mode, learn_labels=True)(*args)
+  for k in (2, 3, 5, 8):
+    loss_k, grads_k = TrajectoryMatcher(step, mode=mode, learn_labels=True, keep_every=k)(*args)
+    np.testing.assert_allclose(loss_k, loss_all, rtol=1e-6)
+    for name in ("images", "labels", "lr"):
+      np.testing.assert_allclose(getattr(grads_k, name), getattr(all_kept, name), rtol=1e-5,
+                                 atol=1e-8, err_msg=f"{name}, keep_every={k}")
+  if mode == "exact":  # and the exact gradient is still full autodiff's
+    _, unrolled = TrajectoryMatcher(step, mode="unrolled", learn_labels=True)(*args)
+    assert _rel(grads_k.images, unrolled.images) <= 1e-4
+  with pytest.raises(ValueError, match="keep_every"):
+    TrajectoryMatcher(step, mode=mode, learn_labels=True, keep_every=0)
 
 
 def test_minibatch_plan_is_chunked_permutations():
