@@ -11,7 +11,7 @@ from ipykernel import kernelspec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COLABS = os.path.join(ROOT, "colabs")
-NOTEBOOKS = ["quickstart_kd"]
+NOTEBOOKS = ["quickstart_kd", "losses_in_your_project"]
 KERNEL_NAME = "kd_jax_test"
 
 
@@ -57,6 +57,22 @@ def test_quickstart_kd_runs_top_to_bottom(kernel_name, digits_data_dir, tmp_path
   assert os.path.exists(workdir / "results.json")
   assert os.path.exists(f"{workdir}_dkd/results.json")
   assert not os.path.exists(f"{workdir}_dkd/teacher/metrics.jsonl")  # teacher was restored
+
+
+def test_losses_in_your_project_runs_top_to_bottom(kernel_name, monkeypatch):
+  monkeypatch.setenv("KD_JAX_COLAB_SMALL", "1")
+  nb = nbformat.read(os.path.join(COLABS, "losses_in_your_project.ipynb"), as_version=4)
+  nbclient.NotebookClient(nb, kernel_name=kernel_name, timeout=300,
+                          resources={"metadata": {"path": COLABS}}).execute()
+  text = _outputs_text(nb)
+  assert "teacher test accuracy" in text
+  for arm in ("CE only", "CE + KD", "CE + KD + FitNet"):
+    assert f"{arm} " in text
+  # Padding changes neither the token loss nor, at the padded tokens, its gradient.
+  for divergence in ("forward_kl", "reverse_kl", "js"):
+    line = next(l for l in text.splitlines() if l.startswith(divergence))
+    loss, padded = (float(w.rstrip(";,")) for w in (line.split()[2], line.split()[6]))
+    assert loss == padded and line.endswith("gradient at the padding: 0.0")
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)

@@ -16,7 +16,11 @@ follows the student's feature kind:
 Hao et al., "One-for-All: Bridge the Gap Between Heterogeneous Architectures in Knowledge
 Distillation", NeurIPS 2023. Reference: Hao840/OFAKD `distillers/ofa.py` and
 `distillers/utils.py` (`SepConv`, `PatchMerging`); the branches are initialised as there
-(Kaiming-normal fan-out convs, truncated-normal 0.02 linears, zero biases).
+(Kaiming-normal fan-out convs, truncated-normal 0.02 linears, zero biases). Departures: the
+transformer block is kd_jax's ViT block (`kd_jax.models.vit.EncoderBlock`, its own
+initialisation and LayerNorm ε 1e-6, biased Q/K/V) where OFA uses timm's `Block`; the number of
+stride-2 blocks or merges is set per tap from its grid (OFA: 4 − stage for CNNs, log2(grid/7)
+merges for ViTs), so `width` reaches a token branch only through its merges.
 """
 import math
 
