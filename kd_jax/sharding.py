@@ -220,6 +220,22 @@ def shard_batch(host_batch: PyTree, mesh: Mesh) -> PyTree:
   return jax.tree.map(one, host_batch)
 
 
+def on_mesh(tree: PyTree, mesh: Mesh) -> PyTree:
+  """`tree` with every array that lives on other devices than `mesh`'s replicated onto it; the
+  others keep their sharding. Variables restored from a checkpoint written on another device
+  count (a teacher trained on one device, evaluated on all cores) come back committed to their
+  old devices, and a jitted step mixing them with a batch sharded on `mesh` would fail."""
+  devices = set(mesh.devices.flat)
+  replicated = NamedSharding(mesh, PartitionSpec())
+
+  def one(x):
+    if not isinstance(x, jax.Array) or x.sharding.device_set == devices:
+      return x
+    return jax.device_put(np.asarray(x) if x.is_fully_addressable else x, replicated)
+
+  return jax.tree.map(one, tree)
+
+
 def jit_train_step(step: Callable, mesh: Mesh, state_shardings_: PyTree) -> Callable:
   """`jax.jit` of `step(state, batch, rng) -> (state, metrics)` on `mesh`.
 

@@ -60,6 +60,7 @@ def evaluate(apply_fn: Callable, variables, batches: Iterable[dict],
   """
   mesh = sharding.make_mesh(mesh_axes)
   eval_step = jax.jit(step_lib.make_eval_step(apply_fn))
+  variables = sharding.on_mesh(variables, mesh)
   totals = None
   for batch in batches:
     sums = eval_step(variables, sharding.shard_batch(batch, mesh))
@@ -75,6 +76,7 @@ def predict(apply_fn: Callable, variables, batches: Iterable[dict],
   """`(logits [N, K], labels [N])` of every real (mask 1) row of `batches`, from all hosts."""
   mesh = sharding.make_mesh(mesh_axes)
   logits_fn = jax.jit(lambda v, images: apply_fn(v, images, train=False)[0].logits)
+  variables = sharding.on_mesh(variables, mesh)
   parts = []
   for batch in batches:
     sharded = sharding.shard_batch(batch, mesh)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import pytest
 
 from kd_jax.dataset_distill import run as run_lib
 from kd_jax.dataset_distill.distilled_set import load_distilled
@@ -72,6 +73,7 @@ def test_two_processes_match_single_process(tmp_path):
                              rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow  # about 80 s on 2 cores: three jobs' compiles; the pieces are checked above
 def test_distill_job_on_two_processes_matches_one_process(tmp_path, digits_data_dir):
   """The whole job on 2 processes × 2 devices vs one process on 8 devices, both with 2 segments
   on a `segment` axis: process 0 alone writes, and the outputs agree."""

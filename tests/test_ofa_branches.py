@@ -43,53 +43,59 @@ def _distiller(pair: str, **term_fields):
   return distiller, nets, variables
 
 
-@pytest.mark.parametrize("pair", ["cnn_vit", "vit_cnn", "mlp"])
-def test_term_is_the_sum_of_ofa_over_branch_logits(pair):
-  distiller, nets, variables = _distiller(pair)
+@pytest.fixture(scope="module", params=["cnn_vit", "vit_cnn", "mlp"])
+def initialised(request):
+  """(pair, distiller, nets, variables, batch, (trainable, frozen, extra)) for one pair."""
+  distiller, nets, variables = _distiller(request.param)
   batch = _batch()
-  trainable, frozen, extra = distiller.init(jax.random.PRNGKey(3), variables, batch)
-  total, (metrics, _) = distiller.loss(trainable, frozen, extra, batch, 0, jax.random.PRNGKey(4))
-  # The same value assembled by hand: each branch applied to its student tap, OFA against the
-  # teacher's logits, averaged over the batch, summed over the branches.
-  student_out, _ = nets["student"][0](variables["student"], batch["image"], train=True)
-  teacher_out, _ = nets["teacher"][0](variables["teacher"], batch["image"], train=False)
+  return (request.param, distiller, nets, variables, batch,
+          distiller.init(jax.random.PRNGKey(3), variables, batch))
+
+
+def test_term_is_the_sum_of_ofa_over_branch_logits(initialised):
+  pair, distiller, nets, variables, batch, (trainable, frozen, extra) = initialised
+  loss = jax.jit(lambda t: distiller.loss(t, frozen, extra, batch, 0, jax.random.PRNGKey(4)))
+  total, (metrics, _) = loss(trainable)
   head = distiller._heads["ofa_stages"]
-  branch_vars = {"params": trainable["ofa_stages"], **extra["model_state"]["ofa_stages"]}
-  taps = [student_out.features[n] for n in digits_kd.OFA_BRANCHES[pair][0]]
-  (branch_logits, _, _), _ = head.apply(branch_vars, taps, [teacher_out.logits], train=True,
-                                        mutable=["batch_stats"])
-  expected = sum(jnp.mean(losses.ofa(b, teacher_out.logits, batch["label"])) for b in branch_logits)
+
+  @jax.jit
+  def by_hand(trainable):
+    # Each branch applied to its student tap, OFA against the teacher's logits, averaged over
+    # the batch, summed over the branches.
+    student_out, _ = nets["student"][0](variables["student"], batch["image"], train=True)
+    teacher_out, _ = nets["teacher"][0](variables["teacher"], batch["image"], train=False)
+    branch_vars = {"params": trainable["ofa_stages"], **extra["model_state"]["ofa_stages"]}
+    taps = [student_out.features[n] for n in digits_kd.OFA_BRANCHES[pair][0]]
+    (branch_logits, _, _), _ = head.apply(branch_vars, taps, [teacher_out.logits], train=True,
+                                          mutable=["batch_stats"])
+    return branch_logits, sum(jnp.mean(losses.ofa(b, teacher_out.logits, batch["label"]))
+                              for b in branch_logits)
+
+  branch_logits, expected = by_hand(trainable)
   assert all(b.shape == (6, NUM_CLASSES) for b in branch_logits)
   np.testing.assert_allclose(total, expected, rtol=1e-5)
   np.testing.assert_allclose(metrics["terms/ofa_stages"], expected, rtol=1e-5)
+  if pair == "cnn_vit":
+    # The gradient reaches both ViT blocks through the branches; the student's head, never on
+    # the path of an ofa_stages term, gets none.
+    grads = jax.jit(jax.grad(lambda t: loss(t)[0]))(trainable)
+    student = grads["student"]
+    assert float(jnp.abs(student["block0"]["mlp1"]["kernel"]).sum()) > 0
+    assert float(jnp.abs(student["block1"]["mlp1"]["kernel"]).sum()) > 0
+    assert float(jnp.abs(student["head"]["kernel"]).sum()) == 0
+    assert set(grads["ofa_stages"]) == {"branch0", "branch1"}
+  if pair == "vit_cnn":
+    # The CNN student's stage1 is 4×4 and stage2 2×2: one stride-2 block on stage1 brings it to
+    # the smallest grid; stage2 gets OFA's 1×1 conv.
+    branches = trainable["ofa_stages"]
+    assert "SeparableConv_0" in branches["branch0"] and "SeparableConv_1" not in branches["branch0"]
+    assert "Conv_0" in branches["branch1"]
+    assert branches["branch0"]["Dense_0"]["kernel"].shape == (32, NUM_CLASSES)
 
 
-def test_branches_reach_the_student_stages():
-  distiller, _, variables = _distiller("cnn_vit")
-  batch = _batch()
-  trainable, frozen, extra = distiller.init(jax.random.PRNGKey(3), variables, batch)
-  grads = jax.grad(lambda t: distiller.loss(t, frozen, extra, batch, 0,
-                                            jax.random.PRNGKey(4))[0])(trainable)
-  # Stage 2 is the last block: the branch on it sends gradient into both blocks, and the head
-  # (never on the OFA path) gets none.
-  student = grads["student"]
-  assert float(jnp.abs(student["block0"]["mlp1"]["kernel"]).sum()) > 0
-  assert float(jnp.abs(student["block1"]["mlp1"]["kernel"]).sum()) > 0
-  assert float(jnp.abs(student["head"]["kernel"]).sum()) == 0
-  assert set(grads["ofa_stages"]) == {"branch0", "branch1"}
-
-
-def test_conv_branch_depth_follows_the_grid():
-  # The CNN student's stage1 is 4×4 and stage2 2×2: one stride-2 block on stage1 brings it to the
-  # smallest grid; stage2 gets OFA's 1×1 conv.
-  distiller, _, variables = _distiller("vit_cnn")
-  trainable, _, _ = distiller.init(jax.random.PRNGKey(3), variables, _batch())
-  assert "SeparableConv_0" in trainable["ofa_stages"]["branch0"]
-  assert "SeparableConv_1" not in trainable["ofa_stages"]["branch0"]
-  assert "Conv_0" in trainable["ofa_stages"]["branch1"]
-  assert trainable["ofa_stages"]["branch0"]["Dense_0"]["kernel"].shape == (32, NUM_CLASSES)
+def test_downsampling_steps():
   assert halvings(16, 7) == 1 and halvings(14, 7) == 1 and halvings(7, 7) == 0
-  assert halvings(4, 8) == 0
+  assert halvings(4, 8) == 0 and halvings(32, 4) == 3
 
 
 def test_token_branch_merges_patches_in_swin_order():
@@ -113,9 +119,9 @@ def test_token_branch_merges_patches_in_swin_order():
 def test_token_branch_accepts_sequences_and_grids_alike():
   branch = OFABranch("tokens", NUM_CLASSES, width=8, downsample=1, blocks=1, num_heads=2)
   tokens = jax.random.normal(jax.random.PRNGKey(0), (2, 16, 8))
-  params = branch.init(jax.random.PRNGKey(1), tokens, train=False)
-  from_tokens = branch.apply(params, tokens, train=False)
-  from_grid = branch.apply(params, tokens.reshape(2, 4, 4, 8), train=False)
+  params = jax.jit(lambda x: branch.init(jax.random.PRNGKey(1), x, train=False))(tokens)
+  apply = jax.jit(lambda x: branch.apply(params, x, train=False))
+  from_tokens, from_grid = apply(tokens), apply(tokens.reshape(2, 4, 4, 8))
   assert from_tokens.shape == (2, NUM_CLASSES)
   np.testing.assert_allclose(from_tokens, from_grid, rtol=1e-6)
 

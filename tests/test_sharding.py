@@ -218,3 +218,21 @@ def test_use_host_cores_is_a_noop_once_jax_has_started(monkeypatch):
   monkeypatch.setenv("XLA_FLAGS", "")  # so only the started backends stop it
   assert sharding.use_host_cores([64], requested=2) == 0
   assert len(jax.devices()) == 8
+
+
+def test_evaluation_accepts_variables_committed_to_other_devices():
+  """A teacher restored from a checkpoint written on one device comes back committed to device
+  0; evaluating it on the 8-device mesh must not fail on incompatible devices."""
+  from kd_jax import models, trainer
+  module = models.create_model("mlp", num_classes=3, hidden_sizes=(4,))
+  params, _ = models.init_model(module, jax.random.key(0), (1, 2, 2, 1))
+  apply_fn = models.make_apply_fn(module)
+  rng = np.random.default_rng(0)
+  batches = [{"image": rng.normal(size=(8, 2, 2, 1)).astype(np.float32),
+              "label": rng.integers(0, 3, 8), "mask": np.ones(8, np.float32)}]
+  on_device0 = jax.device_put({"params": params}, jax.devices()[0])
+  assert jax.tree.leaves(on_device0)[0].sharding.device_set == {jax.devices()[0]}
+  assert trainer.evaluate(apply_fn, on_device0, batches) == trainer.evaluate(
+      apply_fn, {"params": jax.device_get(params)}, batches)
+  logits, _ = trainer.predict(apply_fn, on_device0, batches)
+  assert logits.shape == (8, 3)
