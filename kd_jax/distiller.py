@@ -186,7 +186,7 @@ class _OFAHead(nn.Module):
   def __call__(self, student, teacher, *, train: bool):
     num_classes = teacher[0].shape[-1]
     outs = [x if kind == "none" else
-            ofa_branch.OFABranch(kind, num_classes, self.width or x.shape[-1], down, self.blocks,
+            ofa_branch.OFABranch(kind, num_classes, self.width, down, self.blocks,
                                  self.num_heads, name=f"branch{k}")(x, train=train)
             for k, (x, kind, down) in enumerate(zip(student, self.kinds, self.downsample))]
     return outs, [teacher[0]] * len(outs), {}
@@ -385,10 +385,10 @@ class _Compiled:
     kinds = tuple("none" if name == "logits" else
                   ofa_branch.default_kind(x) if o["branch"] == "auto" else o["branch"]
                   for name, x in zip(self.student_taps, student))
-    grids = [_grid_side(x) for x, kind in zip(student, kinds) if kind in ("conv", "tokens")]
-    final = o["final_grid"] or min(grids, default=0)
-    downsample = tuple(ofa_branch.halvings(_grid_side(x), final) if kind in ("conv", "tokens")
-                       else 0 for x, kind in zip(student, kinds))
+    # Each map or token tap's grid side; vectors and passed-through logits have none.
+    sides = [_grid_side(x) if kind in ("conv", "tokens") else 0 for x, kind in zip(student, kinds)]
+    final = o["final_grid"] or min((side for side in sides if side), default=0)
+    downsample = tuple(ofa_branch.halvings(side, final) if side else 0 for side in sides)
     width = o["width"] or max(x.shape[-1] for x, kind in zip(student, kinds) if kind != "none")
     return _OFAHead(kinds, downsample, width, o["blocks"], o["num_heads"])
 

@@ -28,16 +28,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from kd_jax.models import layers
 from kd_jax.models.vit import EncoderBlock
 
 BRANCH_KINDS = ("conv", "tokens", "linear")
 
-_conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 _linear_init = nn.initializers.truncated_normal(0.02)
-
-
-def _batch_norm(train: bool) -> nn.BatchNorm:
-  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5)
 
 
 class SeparableConv(nn.Module):
@@ -49,10 +45,9 @@ class SeparableConv(nn.Module):
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     channels = x.shape[-1]
     for stride, out in ((2, channels), (1, self.features)):
-      x = nn.Conv(channels, (3, 3), strides=stride, padding=1, feature_group_count=channels,
-                  use_bias=False, kernel_init=_conv_init)(x)
-      x = nn.Conv(out, (1, 1), use_bias=False, kernel_init=_conv_init)(x)
-      x = nn.relu(_batch_norm(train)(x))
+      x = layers.conv(channels, 3, stride, groups=channels, dtype=jnp.float32)(x)
+      x = layers.conv(out, 1, dtype=jnp.float32)(x)
+      x = nn.relu(layers.batch_norm(train=train, dtype=jnp.float32)(x))
     return x
 
 
@@ -98,11 +93,11 @@ class OFABranch(nn.Module):
       if x.ndim != 4:
         raise ValueError(f"a conv branch needs maps [B, H, W, C], got shape {x.shape}")
       if self.downsample == 0:
-        x = nn.Conv(self.width, (1, 1), kernel_init=_conv_init)(x)
+        x = layers.conv(self.width, 1, use_bias=True, dtype=jnp.float32)(x)
       for i in range(self.downsample):
         last = i == self.downsample - 1
         x = SeparableConv(self.width if last else 2 * x.shape[-1])(x, train=train)
-      x = jnp.mean(x, axis=(1, 2))
+      x = layers.global_avg_pool(x)
     elif self.kind == "tokens":
       x = _token_grid(x)
       for i in range(self.downsample):
