@@ -312,8 +312,7 @@ class TrajectoryMatcher:
       grads = jax.tree.map(jnp.zeros_like, self._learnable(images, labels, lr))
       for block in reversed(range(0, num_steps, k)):  # steps block..end-1 from θ_block
         end = min(block + k, num_steps)
-        thetas = self.forward(kept.pop(block), images, labels, lr, indices, keys, block,
-                              end - 1) if end - 1 > block else {block: kept.pop(block)}
+        thetas = self.forward(kept.pop(block), images, labels, lr, indices, keys, block, end - 1)
         for i in reversed(range(block, end)):
           lam, grads = self.vjp_step(thetas.pop(i), images, labels, lr, self._batch(indices, i),
                                      keys[..., i], lam if self.mode == "exact" else lam_n, grads)
