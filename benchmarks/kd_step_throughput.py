@@ -352,6 +352,12 @@ def main():
   wall, cpu = ({k: np.asarray(v) for k, v in times.items()} for times in (wall, cpu))
   per_round = lambda x: [round(float(v), 3) for v in x]
   median = lambda x: round(float(np.median(x)), 3)
+
+  def speedup(name, slower, faster):
+    """`<name>_per_round` and `<name>_median` of wall[slower] / wall[faster]."""
+    ratio = wall[slower] / wall[faster]
+    return {f"{name}_per_round": per_round(ratio), f"{name}_median": median(ratio)}
+
   result = {
       "precision": args.precision, "xla_flags": os.environ.get("XLA_FLAGS", ""),
       "threads": args.threads, "cpu_count": os.cpu_count(), "jax_devices": len(jax.devices()),
@@ -360,21 +366,19 @@ def main():
       "jax_cores_compile_s": round(cores_compile_s, 2),
       "jax_cached_compile_s": round(cached_compile_s, 2),
       "cache_read_ms_per_step": round(1e3 * read_s, 2),
-      "gflop_per_step_live_cached": [conv_flop_share(c)["step_gflop"]
-                                     for c in (compiled, cached_compiled)],
+      # Per device: the one-device live step, then the live and cached steps of the default layout.
+      "gflop_per_step_live_cores_cached": [conv_flop_share(c)["step_gflop"]
+                                           for c in (compiled, cores_compiled, cached_compiled)],
       **{f"{name}_s_per_step": [round(float(x), 4) for x in wall[name]] for name in arms},
       **{f"{name}_images_per_s_median": round(BATCH / float(np.median(wall[name])), 1)
          for name in arms},
       "speedup_jax_over_torch_per_round": per_round(wall["torch"] / wall["jax"]),
       "speedup_median": median(wall["torch"] / wall["jax"]),
       # The default layout (all cores) against PyTorch on all cores, and against one device.
-      "cores_over_torch_per_round": per_round(wall["torch"] / wall["jax_cores"]),
-      "cores_over_torch_median": median(wall["torch"] / wall["jax_cores"]),
+      **speedup("cores_over_torch", "torch", "jax_cores"),
       "cores_over_one_device_median": median(wall["jax"] / wall["jax_cores"]),
-      "cached_over_live_per_round": per_round(wall["jax_cores"] / wall["jax_cached"]),
-      "cached_over_live_median": median(wall["jax_cores"] / wall["jax_cached"]),
-      "cached_over_torch_live_per_round": per_round(wall["torch"] / wall["jax_cached"]),
-      "cached_over_torch_live_median": median(wall["torch"] / wall["jax_cached"]),
+      **speedup("cached_over_live", "jax_cores", "jax_cached"),
+      **speedup("cached_over_torch_live", "torch", "jax_cached"),
       **{f"{name}_cpu_s_per_step": [round(float(x), 3) for x in cpu[name]] for name in arms},
       "cpu_time_speedup_median": median(cpu["torch"] / cpu["jax"]),
       "cpu_time_cores_over_torch_median": median(cpu["torch"] / cpu["jax_cores"]),
