@@ -12,9 +12,12 @@ Experts: MTT's recipe (SGD 0.01, no momentum, DSA) with batch 64 instead of 256:
 give only 5 steps per epoch at 256, too few to move in a few epochs.
 `dd_config()` is the block shared by the dd_* configs (field meanings: kd_jax/dataset_distill/run.py).
 """
+import dataclasses
+
 import ml_collections
 
 from configs import common
+from kd_jax.dataset_distill import methods
 
 
 def dd_config() -> ml_collections.ConfigDict:
@@ -32,16 +35,37 @@ def dd_config() -> ml_collections.ConfigDict:
   c.experts = ml_collections.ConfigDict(dict(
       num_experts=100, epochs=50, lr=0.01, batch_size=256, directory=""))
   c.distill = ml_collections.ConfigDict(dict(
-      ipc=10, iterations=5000, syn_steps=30, expert_epochs=2, min_start_epoch=0,
+      method="mtt", ipc=10, iterations=5000, syn_steps=30, expert_epochs=2, min_start_epoch=0,
       current_max_start_epoch=20, max_start_epoch=20, expansion_end_epoch=0, batch_syn=0,
       lr_img=1000.0, lr_lr=1e-5, lr_label=2.0, momentum_label=0.9, lr_init=0.01,
       image_init="real", label_kind="hard", mode="exact", threshold=0.0, segments=1,
       keep_every=1))
+  for name, cls in method_classes().items():  # each method's own fields, its defaults
+    c[name] = ml_collections.ConfigDict(method_defaults(cls))
+  c.method_kwargs = ml_collections.ConfigDict()  # a user's distill.method="pkg.mod:Class"
+  c.teacher = ml_collections.ConfigDict(dict(
+      model=ml_collections.ConfigDict(dict(
+          name="convnet", kwargs=ml_collections.ConfigDict(dict(depth=3, width=128,
+                                                                norm="batchnorm")))),
+      epochs=30, lr=0.05, batch_size=64, weight_decay=5e-4, crop_padding=1, directory=""))
   c.mesh = common.mesh_config()
   c.eval = ml_collections.ConfigDict(dict(
       num_nets=5, epochs=1000, batch_size=256, fixed_lr=0.01, every=1000, curve_nets=5,
-      full_data_epochs=0, vectorize=True))
+      full_data_epochs=0, vectorize=True, protocols=("labels",), temperature=4.0))
   return c
+
+
+def method_classes() -> dict:
+  """The registered methods configured by a section of their own (all but trajectory
+  matching, which reads `distill`)."""
+  return {name: methods.method_class(name) for name in methods.METHODS if name != "mtt"}
+
+
+def method_defaults(cls) -> dict:
+  """A method dataclass's init fields with their defaults (fields without one are left out:
+  the config must set them)."""
+  return {f.name: f.default for f in dataclasses.fields(cls)
+          if f.init and f.name != "name" and f.default is not dataclasses.MISSING}
 
 
 def get_config(arg=None):

@@ -1,18 +1,12 @@
-"""The distillation loop: match expert trajectories, update images, labels and α.
+"""The one outer loop of dataset distillation: any `method.Method`, resumable and logged.
 
-Each iteration samples an expert and a start epoch t from the window, runs N inner SGD steps
-from θ*_t on synthetic minibatches and matches θ*_{t+M} (`matching.TrajectoryMatcher`). With
-`segments=G > 1` it samples G (expert, start epoch) pairs and matches their mean loss; on a mesh
-with a `segment` axis each device group runs one of them, and each minibatch is split over
-`data`.
-Images, α and learned label logits each have their own optimizer, MTT/DATM's defaults:
-SGD momentum 0.5 for images (lr_img) and α (lr_lr), SGD momentum 0.9 for labels (lr_label).
-
-The loop records itself like a training stage (`kd_jax.trainer`, see `Recording`): it
-checkpoints the set, α, their optimizer states and the iteration, and writes `distill/loss`,
-`distill/lr`, `distill/start_epoch` (mean over segments) and `distill/updated` at step i + 1
-after iteration i. Every random draw of iteration i depends on (seed, i) only
-(`iteration_draws`), so a resumed run ends with the images of an uninterrupted one.
+`distill(method, context, recording)` runs `method.prepare`, `method.start`, then
+`method.iterations` iterations; each asks the method for `value_and_grad` of its objective
+with respect to the synthetic values and applies each value's own optimizer. It records itself
+like a training stage (`kd_jax.trainer`): it checkpoints the values, their optimizer states,
+the method state and the iteration, and writes `distill/loss`, `distill/updated` and the
+method's metrics (`distill/<name>`) at step i + 1 after iteration i. The method draws iteration
+i's randomness from (seed, i) only, so a resumed run ends with the set of an uninterrupted one.
 """
 import contextlib
 import dataclasses
@@ -20,42 +14,12 @@ import os
 from typing import Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding, PartitionSpec
 
 from kd_jax import checkpoint, metrics
-from kd_jax.dataset_distill.datm import StartWindow, should_update
-from kd_jax.dataset_distill.matching import TrajectoryMatcher, make_inner_step, minibatch_plan
-
-
-@dataclasses.dataclass
-class SyntheticSet:
-  """images `[S, H, W, C]`; labels `[S]` ids, `[S, C]` probs or logits; lr the α scalar."""
-  images: jax.Array
-  labels: jax.Array
-  lr: jax.Array
-  label_kind: str
-
-
-@dataclasses.dataclass(frozen=True)
-class MatchingConfig:
-  """Hyperparameters of the loop (names as MTT's flags where they exist)."""
-  iterations: int
-  syn_steps: int                 # N
-  expert_epochs: int             # M
-  window: StartWindow
-  batch_syn: int
-  lr_img: float
-  lr_lr: float
-  lr_label: float = 2.0          # DATM lr_y
-  momentum_label: float = 0.9    # DATM Momentum_y
-  mode: str = "exact"
-  threshold: float | None = None
-  seed: int = 0
-  segments: int = 1              # (expert, start epoch) pairs matched per iteration
-  keep_every: int = 1            # exact/tesla: θ kept every k steps, the rest recomputed
+from kd_jax.dataset_distill.method import Context, DistilledSet, Method
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,8 +28,8 @@ class Recording:
   and `tensorboard/`.
 
   `metadata` is saved with every checkpoint and compared on resume: it names what fixes the
-  state's shapes (model, num_classes, image_shape, ipc, label_kind), so a resume into another
-  config is refused.
+  state's shapes (method, model, num_classes, image_shape, ipc, label_kind), so a resume into
+  another config is refused.
   """
   directory: str
   metadata: dict
@@ -74,131 +38,97 @@ class Recording:
   tensorboard: bool = True
 
 
-def iteration_draws(trajectories: np.ndarray, config: MatchingConfig, num_synthetic: int,
-                    iteration: int):
-  """The random draws of `iteration`, a function of (`config.seed`, `iteration`) only.
-
-  Host draws (experts, start epochs, minibatches) come from the iteration-th child of
-  `SeedSequence(seed)`, augmentation keys from `fold_in(key(seed), iteration)`.
-  Returns (start epochs, θ_start, θ_target, indices `[N, batch_syn]`, keys `[N]`), each but
-  the start epochs with a leading `[G]` axis when `config.segments = G > 1`.
-  """
-  rng = np.random.default_rng(np.random.SeedSequence(config.seed, spawn_key=(iteration,)))
-  starts, theta_start, theta_target, indices = [], [], [], []
-  for _ in range(config.segments):
-    expert = int(rng.integers(trajectories.shape[0]))
-    starts.append(config.window.sample(rng, iteration))
-    theta_start.append(trajectories[expert, starts[-1]])
-    theta_target.append(trajectories[expert, starts[-1] + config.expert_epochs])
-    indices.append(minibatch_plan(rng, num_synthetic, config.batch_syn, config.syn_steps))
-  stack = lambda parts: np.stack(parts) if config.segments > 1 else parts[0]
-  keys = jax.random.split(jax.random.fold_in(jax.random.key(config.seed), iteration),
-                          config.segments * config.syn_steps)
-  if config.segments > 1:
-    keys = keys.reshape(config.segments, config.syn_steps)
-  return (starts, jnp.asarray(stack(theta_start)), jnp.asarray(stack(theta_target)),
-          stack(indices), keys)
+def _check_start(method: Method, values: dict, optimizers: dict) -> None:
+  if set(optimizers) - set(values):
+    raise ValueError(f"method {method.name!r}: optimizers for {sorted(set(optimizers) - set(values))} "
+                     f"but its values are {sorted(values)}")
+  if method.iterations < 0:
+    raise ValueError(f"method {method.name!r}: iterations must be >= 0, got {method.iterations}")
+  if method.iterations and not optimizers:
+    raise ValueError(f"method {method.name!r} runs {method.iterations} iterations but learns "
+                     "nothing (no optimizers); set its iterations to 0")
 
 
-def distill(trajectories: np.ndarray, apply_fn, unravel: Callable, synthetic: SyntheticSet,
-            config: MatchingConfig, recording: Recording, *, augment: Callable | None = None,
-            mesh: Mesh | None = None, callback: Callable | None = None) -> SyntheticSet:
-  """Runs the matching iterations up to `config.iterations`, resuming from the latest
-  checkpoint in `recording.directory`, and returns the distilled set.
+def distill(method: Method, context: Context, recording: Recording, *,
+            callback: Callable | None = None) -> DistilledSet:
+  """Runs `method` up to `method.iterations`, resuming from the latest checkpoint in
+  `recording.directory`, and returns `method.distilled(final values)`.
 
   Args:
-    trajectories: `[experts, epochs + 1, P]` (may be memory-mapped).
-    apply_fn, unravel: the model and the flat-params unraveller of the experts.
-    synthetic: the initial set (also the shapes a checkpoint is restored into).
+    method: any `kd_jax.dataset_distill.method.Method`.
+    context: the data, networks and seed it reads.
     recording: checkpoint and metrics directory, metadata and cadence.
-    augment: `augment(images, key)` applied inside every inner step (DSA).
-    mesh: from `kd_jax.sharding.make_mesh`; see `matching.TrajectoryMatcher`.
-    callback: `callback(i, synthetic) -> metrics dict or None`, called with the set after i
+    callback: `callback(i, values) -> metrics dict or None`, called with the values after i
       iterations: i = 0 on a fresh start, then after every iteration run. Its metrics are
       written with step i's; use it for periodic evaluation.
   Raises:
-    metrics.NonFiniteLossError: the matching loss became NaN/Inf; the message names the
-      iteration and the last checkpoint kept.
+    metrics.NonFiniteLossError: the loss became NaN/Inf; the message names the iteration and
+      the last checkpoint kept.
   """
-  num_epochs = trajectories.shape[1]
-  if config.window.max_start - 1 + config.expert_epochs > num_epochs - 1:
-    raise ValueError(f"start epochs up to max_start_epoch - 1 = {config.window.max_start - 1} "
-                     f"plus expert_epochs = {config.expert_epochs} exceed the experts' "
-                     f"{num_epochs - 1} epochs; lower them or train longer experts")
-  learn_labels = synthetic.label_kind == "logits"
-  step = make_inner_step(apply_fn, unravel, label_kind=synthetic.label_kind, augment=augment)
-  matcher = TrajectoryMatcher(step, mode=config.mode, learn_labels=learn_labels,
-                              segments=config.segments, mesh=mesh, keep_every=config.keep_every)
-  optimizers = {"images": optax.sgd(config.lr_img, momentum=0.5),
-                "lr": optax.sgd(config.lr_lr, momentum=0.5)}
-  if learn_labels:
-    optimizers["labels"] = optax.sgd(config.lr_label, momentum=config.momentum_label)
-  values = {"images": synthetic.images, "lr": jnp.asarray(synthetic.lr, synthetic.images.dtype)}
-  if learn_labels:
-    values["labels"] = synthetic.labels
-  replicated = NamedSharding(mesh, PartitionSpec()) if mesh is not None else None
+  method.prepare(context)
+  start = method.start(context)
+  optimizers = start.optimizers
+  _check_start(method, start.values, optimizers)
+  replicated = NamedSharding(context.mesh, PartitionSpec()) if context.mesh is not None else None
 
-  def state(iteration, values, opt_states):
-    """What a checkpoint holds; replicated on a mesh, like the matcher's gradients."""
+  def state(iteration, values, opt_states, method_state):
+    """What a checkpoint holds; replicated on a mesh."""
     return jax.device_put({"iteration": np.int32(iteration), "values": values,
-                           "opt_states": opt_states}, replicated)
+                           "opt_states": opt_states, "method_state": method_state}, replicated)
 
-  initial = state(0, values, {k: tx.init(values[k]) for k, tx in optimizers.items()})
+  initial = state(0, start.values, {k: tx.init(start.values[k]) for k, tx in optimizers.items()},
+                  start.state)
 
   @jax.jit
   def update(values, grads, opt_states):
-    new_values, new_states = {}, {}
+    new_values, new_states = dict(values), {}
     for k, tx in optimizers.items():
       updates, new_states[k] = tx.update(grads[k], opt_states[k], values[k])
       new_values[k] = optax.apply_updates(values[k], updates)
     return new_values, new_states
 
-  current = lambda: SyntheticSet(values["images"], values.get("labels", synthetic.labels),
-                                 values["lr"], synthetic.label_kind)
-  observe = lambda i: (callback(i, current()) if callback is not None else None) or {}
+  observe = lambda i, values: (callback(i, values) if callback is not None else None) or {}
+  if method.iterations == 0:  # a selection method: start holds the set
+    observe(0, start.values)
+    return method.distilled(start.values)
   with contextlib.ExitStack() as stack:
     ckpt = checkpoint.Checkpointer(os.path.join(recording.directory, "checkpoints"),
                                    recording.metadata, keep=recording.keep_checkpoints)
     stack.callback(ckpt.close)
     restored, _ = ckpt.restore_latest(initial)  # skips (and moves aside) corrupt steps
     restored = initial if restored is None else restored
-    start, values, opt_states = (int(restored["iteration"]), restored["values"],
-                                 restored["opt_states"])
+    begin, values, opt_states, method_state = (
+        int(restored["iteration"]), restored["values"], restored["opt_states"],
+        restored["method_state"])
     writer = metrics.MetricWriter(recording.directory, tensorboard=recording.tensorboard,
-                                  enabled=jax.process_index() == 0, start_step=start)
+                                  enabled=jax.process_index() == 0, start_step=begin)
     stack.callback(writer.close)
-    bar = metrics.progress_bar(config.iterations, start, "distill")
+    bar = metrics.progress_bar(method.iterations, begin, f"distill ({method.name})")
     stack.callback(bar.close)
-    last_saved = start if start else None
-    initial_metrics = observe(0) if start == 0 else {}
+    last_saved = begin if begin else None
+    initial_metrics = observe(0, values) if begin == 0 else {}
     if initial_metrics:
       writer.write(0, initial_metrics)
-    for it in range(start, config.iterations):
-      starts, theta_start, theta_target, indices, keys = iteration_draws(
-          trajectories, config, synthetic.images.shape[0], it)
-      loss, grads = matcher(theta_start, theta_target, values["images"], current().labels,
-                            values["lr"], indices, keys)
-      loss = float(loss)
+    for it in range(begin, method.iterations):
+      step = method.value_and_grad(values, method_state, it)
+      loss = float(step.loss)
       if not np.isfinite(loss):
         ckpt.wait()
         kept = (f"the last good checkpoint (iteration {last_saved}) is kept in {ckpt.directory}"
                 if last_saved is not None else "no checkpoint had been written yet")
-        raise metrics.NonFiniteLossError(f"matching loss became {loss} at iteration {it}; "
-                                         f"stopping. {kept}. Lower distill.lr_img / "
-                                         "distill.lr_lr.")
-      updated = should_update(loss, config.threshold)
-      if updated:
-        grads = {"images": grads.images, "lr": grads.lr, **({"labels": grads.labels}
-                                                            if learn_labels else {})}
-        values, opt_states = update(values, grads, opt_states)
+        raise metrics.NonFiniteLossError(
+            f"{method.name}: the distillation loss became {loss} at iteration {it}; stopping. "
+            f"{kept}. Lower the learning rates of {sorted(optimizers)}.")
+      if step.grads is not None:
+        values, opt_states = update(values, {k: step.grads[k] for k in optimizers}, opt_states)
+      method_state = step.state
       done = it + 1
-      lr = float(values["lr"])
-      writer.write(done, {"distill/loss": loss, "distill/lr": lr,
-                          "distill/start_epoch": float(np.mean(starts)),
-                          "distill/updated": float(updated), **observe(done)})
-      bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.5f}", refresh=False)
+      writer.write(done, {"distill/loss": loss, "distill/updated": float(step.grads is not None),
+                          **{f"distill/{k}": float(v) for k, v in step.metrics.items()},
+                          **observe(done, values)})
+      bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
       bar.update(1)
-      if done % recording.checkpoint_every == 0 or done == config.iterations:
-        ckpt.save(done, state(done, values, opt_states))
+      if done % recording.checkpoint_every == 0 or done == method.iterations:
+        ckpt.save(done, state(done, values, opt_states, method_state))
         last_saved = done
-  return current()
+  return method.distilled(values)

@@ -16,6 +16,13 @@ over its `data` axis (`jax.shard_map` under `jax.jit`, the stacked state placed 
 Steps are Python-driven jitted calls, never `lax.scan` (slow for conv nets on XLA:CPU). The lr
 and its decay step are traced arguments, so evaluations that differ only in lr or epochs (the
 learned lr, a fixed lr, the accuracy curve) reuse one compiled step.
+
+Two label protocols (`PROTOCOLS`): "labels" trains on the set's own labels (hard, TESLA or
+learned); "teacher" trains with teacher soft labels, the large-scale protocol of SRe2L, RDED
+and TESLA on ImageNet (FKD-style relabelling): each step runs the teacher on the augmented
+batch the network sees, so every (image, augmentation) pair gets its own soft label, and the
+loss is `kd_jax.losses.kd` at temperature T through kd_jax's own KD step
+(`kd_jax.distiller.Distiller` with one `kd` term, `kd_jax.step.make_train_step`).
 """
 import functools
 from typing import Callable
@@ -28,11 +35,26 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from kd_jax.dataset_distill.experts import epoch_batches, make_indexed_train_step
 from kd_jax.sharding import DATA_AXIS
-from kd_jax.distiller import supervised, supervised_state
+from kd_jax.dataset_distill.method import Teacher
+from kd_jax.distiller import Distiller, Term, supervised, supervised_state
 from kd_jax.step import make_eval_step, make_train_step
+
+PROTOCOLS = ("labels", "teacher")
 
 _NETS = PartitionSpec(DATA_AXIS)  # leading (network) axis split over `data`
 _SHARED = PartitionSpec()
+
+
+@functools.lru_cache(maxsize=None)
+def label_protocol(apply_fn, teacher_apply=None, temperature: float = 4.0):
+  """The evaluation networks' method: plain (soft) cross-entropy on the set's labels, or, with
+  a teacher's apply function, the KD loss to the teacher's soft labels at `temperature` (the
+  teacher is the frozen network named "teacher"). Cached, so equal arguments give the same
+  object and reuse compiled steps."""
+  if teacher_apply is None:
+    return supervised(apply_fn)
+  return Distiller(apply_fn, [Term("kd", hparams={"temperature": temperature})],
+                   teachers={"teacher": teacher_apply})
 
 
 def make_eval_tx(lr, *, decay_step, momentum: float = 0.9,
@@ -53,11 +75,13 @@ def _init_states(keys, *, init_params, momentum, weight_decay):
 
 
 @functools.partial(jax.jit, donate_argnums=0,
-                   static_argnames=("apply_fn", "augment", "momentum", "weight_decay"))
-def _one_network_step(state, images, labels, indices, mask, key, lr, decay_step, *, apply_fn,
-                      augment, momentum, weight_decay):
+                   static_argnames=("method", "augment", "momentum", "weight_decay"))
+def _one_network_step(state, frozen, images, labels, indices, mask, key, lr, decay_step, *,
+                      method, augment, momentum, weight_decay):
+  """One step of one network; the teacher (`frozen`) is passed apart from the donated state."""
   tx = make_eval_tx(lr, decay_step=decay_step, momentum=momentum, weight_decay=weight_decay)
-  return make_indexed_train_step(apply_fn, tx, augment)(state, images, labels, indices, mask, key)
+  step = make_indexed_train_step(method.student, tx, augment, method=method)
+  return step(state.replace(frozen=frozen), images, labels, indices, mask, key).replace(frozen={})
 
 
 @functools.partial(jax.jit, static_argnames=("augment",))
@@ -72,33 +96,36 @@ def _network_batches(images, labels, indices, key, *, augment):
 
 
 @functools.partial(jax.jit, donate_argnums=0,
-                   static_argnames=("apply_fn", "momentum", "weight_decay"))
-def _network_update(state, x, y, mask, key, lr, decay_step, *, apply_fn, momentum, weight_decay):
-  """`kd_jax.step.make_train_step`'s step (plain CE) of one network on a ready batch."""
+                   static_argnames=("method", "momentum", "weight_decay"))
+def _network_update(state, frozen, x, y, mask, key, lr, decay_step, *, method, momentum,
+                    weight_decay):
+  """`kd_jax.step.make_train_step`'s step of one network on a ready batch (`method` from
+  `label_protocol`; the teacher, `frozen`, is not donated)."""
   tx = make_eval_tx(lr, decay_step=decay_step, momentum=momentum, weight_decay=weight_decay)
-  step = make_train_step(supervised(apply_fn), tx)
-  return step(state, {"image": x, "label": y, "mask": mask}, key)[0]
+  step = make_train_step(method, tx)
+  batch = {"image": x, "label": y, "mask": mask}
+  return step(state.replace(frozen=frozen), batch, key)[0].replace(frozen={})
 
 
 @functools.partial(jax.jit, donate_argnums=0,
-                   static_argnames=("apply_fn", "augment", "momentum", "weight_decay", "mesh"))
-def _sharded_networks_step(states, images, labels, indices, mask, key, lr, decay_step, *,
-                           apply_fn, augment, momentum, weight_decay, mesh):
+                   static_argnames=("method", "augment", "momentum", "weight_decay", "mesh"))
+def _sharded_networks_step(states, frozen, images, labels, indices, mask, key, lr, decay_step, *,
+                           method, augment, momentum, weight_decay, mesh):
   """One step of K networks (states `[K, ...]`, indices and mask `[K, B]`) split over the
   mesh's `data` axis; each device group updates its K / n networks one after another."""
 
-  def local(states, images, labels, indices, mask, key, lr, decay_step):
+  def local(states, frozen, images, labels, indices, mask, key, lr, decay_step):
     xs, ys = _network_batches(images, labels, indices, key, augment=augment)
     new_states = [
-        _network_update(jax.tree.map(lambda leaf: leaf[k], states), xs[k], ys[k], mask[k], key,
-                        lr, decay_step, apply_fn=apply_fn, momentum=momentum,
+        _network_update(jax.tree.map(lambda leaf: leaf[k], states), frozen, xs[k], ys[k],
+                        mask[k], key, lr, decay_step, method=method, momentum=momentum,
                         weight_decay=weight_decay)
         for k in range(len(xs))]
     return jax.tree.map(lambda *leaves: jnp.stack(leaves), *new_states)
 
   return jax.shard_map(local, mesh=mesh, out_specs=_NETS, in_specs=(
-      _NETS, _SHARED, _SHARED, _NETS, _NETS, _SHARED, _SHARED, _SHARED))(
-          states, images, labels, indices, mask, key, lr, decay_step)
+      _NETS, _SHARED, _SHARED, _SHARED, _NETS, _NETS, _SHARED, _SHARED, _SHARED))(
+          states, frozen, images, labels, indices, mask, key, lr, decay_step)
 
 
 @functools.partial(jax.jit, static_argnames=("apply_fn", "mesh"))
@@ -133,10 +160,13 @@ def _check_mesh(mesh: Mesh | None, num_nets: int) -> None:
 def train_networks(apply_fn, init_params: Callable, images, labels, *, num_nets: int, lr: float,
                    epochs: int, batch_size: int = 256, seed: int = 0,
                    augment: Callable | None = None, momentum: float = 0.9,
-                   weight_decay: float = 5e-4, vectorize: bool = True, mesh: Mesh | None = None):
+                   weight_decay: float = 5e-4, vectorize: bool = True, mesh: Mesh | None = None,
+                   teacher: Teacher | None = None, temperature: float = 4.0):
   """Trains `num_nets` fresh networks on (images, labels); returns their params stacked `[K, ...]`.
 
-  labels: `[S]` class ids or `[S, C]` probabilities. Network k starts from
+  labels: `[S]` class ids or `[S, C]` probabilities. With a `teacher` the networks learn its
+  soft labels at `temperature` on each augmented batch instead (the "teacher" protocol; the
+  labels are then only logged as train accuracy). Network k starts from
   `init_params(fold_in(key(seed), k))` and shuffles with `default_rng([seed, k])`; the
   augmentation key of step t, `fold_in(key(seed + 1), t)`, is shared by the K networks (they
   still see different images at each step). `mesh` (with `vectorize=True`) splits the K
@@ -168,25 +198,28 @@ def train_networks(apply_fn, init_params: Callable, images, labels, *, num_nets:
         yield (jax.random.fold_in(jax.random.key(seed + 1), t), *zip(*batches))
         t += 1
 
-  step_args = dict(lr=lr, decay_step=decay_step, apply_fn=apply_fn, momentum=momentum,
-                 weight_decay=weight_decay)
+  method = label_protocol(apply_fn, teacher and teacher.apply_fn, temperature)
+  frozen = {"teacher": teacher.variables} if teacher is not None else {}
+  step_args = dict(lr=lr, decay_step=decay_step, method=method, momentum=momentum,
+                   weight_decay=weight_decay)
   if mesh is not None:
     states = jax.device_put(states, NamedSharding(mesh, _NETS))
-    images, labels = jax.device_put((images, labels), NamedSharding(mesh, _SHARED))
+    images, labels, frozen = jax.device_put((images, labels, frozen),
+                                            NamedSharding(mesh, _SHARED))
     place = lambda x: jax.device_put(np.stack(x), NamedSharding(mesh, _NETS))
     for key, idx, mask in steps():
-      states = _sharded_networks_step(states, images, labels, place(idx), place(mask), key,
-                                      augment=augment, mesh=mesh, **step_args)
+      states = _sharded_networks_step(states, frozen, images, labels, place(idx), place(mask),
+                                      key, augment=augment, mesh=mesh, **step_args)
     return states.trainable["student"]
   states = [jax.tree.map(lambda leaf: leaf[k], states) for k in range(num_nets)]
   for key, idx, mask in steps():
     if vectorize:
       xs, ys = _network_batches(images, labels, np.stack(idx), key, augment=augment)
       for k in range(num_nets):
-        states[k] = _network_update(states[k], xs[k], ys[k], mask[k], key, **step_args)
+        states[k] = _network_update(states[k], frozen, xs[k], ys[k], mask[k], key, **step_args)
     else:
       for k in range(num_nets):
-        states[k] = _one_network_step(states[k], images, labels, idx[k], mask[k], key,
+        states[k] = _one_network_step(states[k], frozen, images, labels, idx[k], mask[k], key,
                                       augment=augment, **step_args)
   return jax.tree.map(lambda *p: jnp.stack(p), *[s.trainable["student"] for s in states])
 

@@ -63,17 +63,17 @@ def epoch_batches(rng: np.random.Generator, num_examples: int, batch_size: int):
 
 
 def make_indexed_train_step(apply_fn, tx: optax.GradientTransformation,
-                            augment: Callable | None = None):
+                            augment: Callable | None = None, method=None):
   """Returns `step(state, images, labels, indices, mask, key) -> state`, not jitted.
 
-  The standard `kd_jax.step.make_train_step` with plain CE (labels may be class ids or probabilities) on
-  the batch `augment(images[indices], key)`. Images stay on the device; only indices travel,
+  The standard `kd_jax.step.make_train_step` of `method` (default: plain CE; labels may be
+  class ids or probabilities) on the batch `augment(images[indices], key)`. Images stay on the device; only indices travel,
   and the batch is split over devices the way `indices` is.
   The caller draws a fresh `key` per step; under `jax.vmap` over networks pass one shared key
   so that DSA's family choice stays a real branch (a batched key turns `lax.switch` into
   computing every family).
   """
-  train_step = make_train_step(supervised(apply_fn), tx)
+  train_step = make_train_step(method or supervised(apply_fn), tx)
 
   def step(state, images, labels, indices, mask, key):
     x = images[indices]

@@ -1,5 +1,5 @@
 """K-network evaluation: together = one after another = on a mesh (with DSA); bad meshes raise;
-a new lr or epoch count reuses the compiled steps."""
+a new lr or epoch count reuses the compiled steps; the teacher soft-label protocol."""
 # pylint: disable=protected-access
 import jax
 import numpy as np
@@ -8,6 +8,7 @@ import pytest
 from dd_tiny_model import tiny_problem
 from kd_jax.data.dsa import diff_augment
 from kd_jax.dataset_distill import evaluate
+from kd_jax.dataset_distill.method import Teacher
 from kd_jax.sharding import make_mesh
 
 
@@ -87,3 +88,50 @@ def test_new_lr_or_epochs_reuse_the_compiled_steps(setup):
   kernel = lambda params: max(jax.tree.leaves(params), key=lambda leaf: leaf.size)
   for a, b in zip(first, second):
     assert not np.allclose(kernel(a), kernel(b))
+
+
+def _teacher(apply_fn, init_params):
+  """A fixed random network as the teacher (logits scaled up so its labels are not uniform)."""
+  scaled = lambda variables, x, **kw: (lambda out: (out[0].replace(logits=5 * out[0].logits),
+                                                    out[1]))(apply_fn(variables, x, **kw))
+  return Teacher(scaled, {"params": init_params(jax.random.key(42))})
+
+
+def test_teacher_protocol_at_t1_equals_training_on_the_teachers_probabilities(setup):
+  """KD at T = 1 is the cross-entropy to the teacher's probabilities plus a constant: without
+  augmentation the teacher protocol trains the same networks as its precomputed soft labels."""
+  apply_fn, init_params, images, labels, _ = setup
+  teacher = _teacher(apply_fn, init_params)
+  probs = jax.nn.softmax(teacher.apply_fn(teacher.variables, images, train=False)[0].logits)
+  kwargs = dict(num_nets=2, lr=0.05, epochs=3, batch_size=5)
+  relabelled = evaluate.train_networks(apply_fn, init_params, images, labels, teacher=teacher,
+                                       temperature=1.0, **kwargs)
+  precomputed = evaluate.train_networks(apply_fn, init_params, images, np.asarray(probs),
+                                        **kwargs)
+  hard = evaluate.train_networks(apply_fn, init_params, images, labels, **kwargs)
+  for a, b, c in zip(*map(jax.tree.leaves, (relabelled, precomputed, hard))):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+  assert not all(np.allclose(a, c, atol=1e-3) for a, c in
+                 zip(jax.tree.leaves(relabelled), jax.tree.leaves(hard)))
+
+
+def test_teacher_protocol_labels_each_augmented_batch(setup):
+  """With DSA the teacher sees the augmented batch: its labels differ from labels precomputed
+  on the clean images, and the three layouts (together, apart, on a mesh) agree."""
+  apply_fn, init_params, images, labels, dsa = setup
+  teacher = _teacher(apply_fn, init_params)
+  probs = np.asarray(jax.nn.softmax(
+      teacher.apply_fn(teacher.variables, images, train=False)[0].logits))
+  kwargs = dict(num_nets=2, lr=0.05, epochs=3, batch_size=5, augment=dsa, temperature=1.0)
+  together = evaluate.train_networks(apply_fn, init_params, images, labels, teacher=teacher,
+                                     **kwargs)
+  apart = evaluate.train_networks(apply_fn, init_params, images, labels, teacher=teacher,
+                                  vectorize=False, **kwargs)
+  on_mesh = evaluate.train_networks(apply_fn, init_params, images, labels, teacher=teacher,
+                                    mesh=make_mesh((("data", 2), ("fsdp", 4))), **kwargs)
+  precomputed = evaluate.train_networks(apply_fn, init_params, images, probs, **kwargs)
+  for a, b, c in zip(*map(jax.tree.leaves, (together, apart, on_mesh))):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-6)
+  assert not all(np.allclose(a, p, atol=1e-4) for a, p in
+                 zip(jax.tree.leaves(together), jax.tree.leaves(precomputed)))

@@ -1,4 +1,4 @@
-"""The matching loop resumes: rerun after a kill, it ends with the images, labels, α and
+"""The one distillation loop resumes: rerun after a kill, every method ends with the values and
 metrics of an uninterrupted run; a resume into another config is refused."""
 import functools
 import shutil
@@ -6,48 +6,60 @@ import shutil
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from dd_tiny_model import tiny_model
+from dd_tiny_model import tiny_model, tiny_problem
 from kd_jax import checkpoint, metrics
 from kd_jax.data.dsa import diff_augment
 from kd_jax.dataset_distill.datm import StartWindow
-from kd_jax.dataset_distill.distill import MatchingConfig, Recording, SyntheticSet, distill
+from kd_jax.dataset_distill.distill import Recording, distill
+from kd_jax.dataset_distill.method import Context
+from kd_jax.dataset_distill.trajectory_matching import TrajectoryMatching
 
 ITERATIONS, CHECKPOINT_EVERY = 5, 2  # checkpoints after iterations 2, 4 and 5
 META = {"model": "tiny", "num_classes": 3, "image_shape": [8, 8, 1], "ipc": 4,
         "label_kind": "logits"}
-CONFIG = MatchingConfig(iterations=ITERATIONS, syn_steps=2, expert_epochs=1,
-                        window=StartWindow(0, 2, 2), batch_syn=6, lr_img=10.0, lr_lr=1e-3)
 
 
 @functools.cache
-def _model():
-  """(apply_fn, unravel, trajectories `[2 experts, 3 epochs, P]`: random walks from θ_0)."""
-  apply_fn, params = tiny_model(jax.random.key(0))
-  theta0, unravel = ravel_pytree(params)
+def _trajectories():
+  """`[2 experts, 3 epochs, P]`: random walks from θ_0 of the tiny model."""
+  _, params = tiny_model(jax.random.key(0))
+  theta0 = np.asarray(ravel_pytree(params)[0])
   walk = np.cumsum(0.01 * np.random.default_rng(0).standard_normal((2, 3, theta0.size)), axis=1)
-  return apply_fn, unravel, (np.asarray(theta0) + walk).astype(np.float32)
+  return (theta0 + walk).astype(np.float32)
 
 
-def _initial_set(num_images=12, label_kind="logits"):
-  images = np.random.default_rng(1).standard_normal((num_images, 8, 8, 1)).astype(np.float32)
-  class_ids = np.arange(num_images) % 3
-  labels = 2 * np.eye(3, dtype=np.float32)[class_ids] if label_kind == "logits" else class_ids
-  return SyntheticSet(jnp.asarray(images), jnp.asarray(labels), jnp.asarray(0.01), label_kind)
+def _context(directory, ipc=4):
+  apply_fn, init_params, images, labels = tiny_problem(num_images=30)
+  return Context(train_images=images, train_labels=labels, num_classes=3, ipc=ipc,
+                 apply_fn=apply_fn, init_params=init_params,
+                 augment=lambda x, key: diff_augment(x, key, strategy="flip"), teacher=None,
+                 seed=0, workdir=directory)
 
 
-def _run(directory, metadata=META, **initial):
+def _matching(label_kind="logits"):
+  return TrajectoryMatching(iterations=ITERATIONS, syn_steps=2, expert_epochs=1,
+                            window=StartWindow(0, 2, 2), lr_img=10.0, lr_lr=1e-3, batch_syn=6,
+                            label_kind=label_kind, trajectories=_trajectories())
+
+
+def _run(directory, metadata=META, ipc=4, label_kind="logits"):
   """Distils the tiny problem in `directory`; the callback reports the images' mean as an
   evaluation."""
-  apply_fn, unravel, trajectories = _model()
-  callback = lambda i, s: {"eval/mean": float(jnp.mean(s.images))}
-  return distill(trajectories, apply_fn, unravel, _initial_set(**initial), CONFIG,
+  callback = lambda i, values: {"eval/mean": float(jnp.mean(values["images"]))}
+  return distill(_matching(label_kind), _context(directory, ipc),
                  Recording(str(directory), metadata, checkpoint_every=CHECKPOINT_EVERY),
-                 augment=lambda x, key: diff_augment(x, key, strategy="flip"),
                  callback=callback)
+
+
+def _kill_after_first_checkpoint(straight_dir, resumed_dir):
+  """What a run killed during iteration 3, 4 or 5 leaves: the checkpoint after iteration 2, and
+  metrics (and TensorBoard events) of later iterations, which the resume must drop."""
+  shutil.copytree(straight_dir, resumed_dir, dirs_exist_ok=True)
+  for step in (4, 5):
+    shutil.rmtree(resumed_dir / "checkpoints" / str(step))
 
 
 @pytest.fixture(scope="module")
@@ -55,21 +67,19 @@ def runs(tmp_path_factory):
   """(uninterrupted result and directory, resumed result and directory)."""
   straight_dir = tmp_path_factory.mktemp("straight")
   straight = _run(straight_dir)
-  # What a run killed during iteration 3, 4 or 5 leaves: the checkpoint after iteration 2, and
-  # metrics (and TensorBoard events) of later iterations, which the resume must drop.
   resumed_dir = tmp_path_factory.mktemp("resumed")
-  shutil.copytree(straight_dir, resumed_dir, dirs_exist_ok=True)
-  for step in (4, 5):
-    shutil.rmtree(resumed_dir / "checkpoints" / str(step))
+  _kill_after_first_checkpoint(straight_dir, resumed_dir)
   return (straight, straight_dir), (_run(resumed_dir), resumed_dir)
 
 
-def test_resumed_run_ends_with_the_uninterrupted_set(runs):
+def test_resumed_run_ends_with_the_uninterrupted_set(runs, tmp_path):
   (straight, _), (resumed, _) = runs
-  initial = _initial_set()
-  assert not np.allclose(straight.images, initial.images)  # it distilled
-  assert not np.allclose(straight.labels, initial.labels)
-  for name in ("images", "labels", "lr"):
+  method = _matching()
+  method.prepare(_context(tmp_path))
+  initial = method.start(_context(tmp_path)).values
+  assert not np.allclose(straight.images, initial["images"])  # it distilled
+  assert not np.allclose(straight.label_logits, initial["labels"])
+  for name in ("images", "labels", "label_logits", "lr"):
     np.testing.assert_array_equal(getattr(resumed, name), getattr(straight, name), err_msg=name)
 
 
@@ -82,11 +92,14 @@ def test_metrics_hold_each_iteration_once_and_match(runs):
   assert metrics.read_jsonl(resumed_dir / "metrics.jsonl") == straight
 
 
-def test_checkpoint_restores_the_set_with_its_shapes(runs):
+def test_checkpoint_restores_the_values(runs, tmp_path):
   (straight, straight_dir), _ = runs
-  values = {"images": straight.images, "labels": straight.labels, "lr": straight.lr}
-  target = {"iteration": jnp.int32(0), "values": values,
-            "opt_states": {k: optax.sgd(1.0, momentum=0.5).init(v) for k, v in values.items()}}
+  method = _matching()
+  method.prepare(_context(tmp_path))
+  start = method.start(_context(tmp_path))
+  target = {"iteration": jnp.int32(0), "values": start.values,
+            "opt_states": {k: tx.init(start.values[k]) for k, tx in start.optimizers.items()},
+            "method_state": {}}
   ckpt = checkpoint.Checkpointer(str(straight_dir / "checkpoints"), META)
   try:
     assert ckpt.latest_step() == ITERATIONS
@@ -94,15 +107,15 @@ def test_checkpoint_restores_the_set_with_its_shapes(runs):
   finally:
     ckpt.close()
   assert int(restored["iteration"]) == ITERATIONS
-  for name, value in restored["values"].items():
-    np.testing.assert_array_equal(value, values[name], err_msg=name)
+  np.testing.assert_array_equal(restored["values"]["images"], straight.images)
+  np.testing.assert_array_equal(restored["values"]["labels"], straight.label_logits)
 
 
 @pytest.mark.parametrize("change,match", [
-    (dict(num_images=9, metadata={**META, "ipc": 3}), "ipc=4 \\(this run: 3\\)"),
+    (dict(ipc=3, metadata={**META, "ipc": 3}), "ipc=4 \\(this run: 3\\)"),
     (dict(label_kind="hard", metadata={**META, "label_kind": "hard"}),
      "label_kind='logits' \\(this run: 'hard'\\)"),
-    (dict(num_images=9), "values.images")])  # metadata that hides a shape change
+    (dict(ipc=3), "values.images")])  # metadata that hides a shape change
 def test_resume_into_another_config_is_refused(runs, change, match):
   (_, straight_dir), _ = runs
   with pytest.raises(checkpoint.CheckpointError, match=match):

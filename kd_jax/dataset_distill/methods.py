@@ -1,0 +1,70 @@
+"""The registry of dataset-distillation methods the `distill_dataset` job can run.
+
+`distill.method` names a registered method or a user's class as `"package.module:ClassName"`.
+Trajectory matching ("mtt", which covers TESLA and DATM through its fields) reads its
+hyperparameters from the `distill` section, as before; every other method is a dataclass built
+from the config section of its name (`config.dc`, `config.dm`, ...), and a user's class from
+`config.method_kwargs`.
+"""
+import dataclasses
+import importlib
+
+from kd_jax.dataset_distill.datm import StartWindow
+from kd_jax.dataset_distill.method import Method
+from kd_jax.dataset_distill.trajectory_matching import ExpertRecipe, TrajectoryMatching
+
+METHODS = {
+    "mtt": "kd_jax.dataset_distill.trajectory_matching:TrajectoryMatching",
+    "dc": "kd_jax.dataset_distill.gradient_matching:GradientMatching",
+    "dm": "kd_jax.dataset_distill.distribution_matching:DistributionMatching",
+    "sre2l": "kd_jax.dataset_distill.recovery:Recovery",
+    "rded": "kd_jax.dataset_distill.patch_selection:PatchSelection",
+    "infer": "kd_jax.dataset_distill.feature_compensator:FeatureCompensator",
+}
+TEACHER_METHODS = ("sre2l", "rded", "infer")  # read the teacher
+
+
+def method_class(spec: str) -> type:
+  """The class of a registered name or of `"package.module:ClassName"`."""
+  path = METHODS.get(spec, spec)
+  if ":" not in path:
+    raise ValueError(f"distill.method={spec!r} is unknown; use one of {sorted(METHODS)} or "
+                     "'package.module:ClassName' for your own method")
+  module_name, class_name = path.split(":", 1)
+  try:
+    return getattr(importlib.import_module(module_name), class_name)
+  except (ImportError, AttributeError) as e:
+    raise ValueError(f"distill.method={spec!r}: cannot import {path} ({e})") from None
+
+
+def _from_section(cls: type, section: dict, where: str) -> Method:
+  valid = {f.name for f in dataclasses.fields(cls) if f.init}
+  unknown = sorted(set(section) - valid)
+  if unknown:
+    raise ValueError(f"{where} has unknown fields {unknown}; {cls.__name__} takes: "
+                     f"{', '.join(sorted(valid))}")
+  return cls(**section)
+
+
+def trajectory_matching(d, experts: ExpertRecipe) -> TrajectoryMatching:
+  """MTT/TESLA/DATM from the `distill` config section (field meanings:
+  kd_jax/dataset_distill/run.py)."""
+  return TrajectoryMatching(
+      iterations=d.iterations, syn_steps=d.syn_steps, expert_epochs=d.expert_epochs,
+      window=StartWindow(d.min_start_epoch, d.current_max_start_epoch, d.max_start_epoch,
+                         d.expansion_end_epoch),
+      lr_img=d.lr_img, lr_lr=d.lr_lr, batch_syn=d.batch_syn, lr_label=d.lr_label,
+      momentum_label=d.momentum_label, lr_init=d.lr_init, image_init=d.image_init,
+      label_kind=d.label_kind, mode=d.mode, threshold=d.threshold if d.threshold > 0 else None,
+      segments=d.segments, keep_every=d.keep_every, experts=experts)
+
+
+def build(config, experts: ExpertRecipe) -> Method:
+  """The method `config.distill.method` names, with its hyperparameters from the config."""
+  spec = config.distill.method
+  if spec == "mtt":
+    return trajectory_matching(config.distill, experts)
+  cls = method_class(spec)
+  if spec in METHODS:
+    return _from_section(cls, config[spec].to_dict(), f"config.{spec}")
+  return _from_section(cls, config.method_kwargs.to_dict(), "config.method_kwargs")
