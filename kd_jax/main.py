@@ -8,7 +8,6 @@ anything. A mistake the user can fix (an unknown or out-of-range config field, a
 known operating-system error, a NaN loss) prints a short message on stderr and exits with code
 1; `--verbosity=1` adds the traceback.
 """
-import json
 import os
 import re
 import sys
@@ -85,7 +84,8 @@ def _report(config, results) -> str:
   if config.job == "sequence":
     from kd_jax.sequence import job as sequence_job  # pylint: disable=g-import-not-at-top
     return sequence_job.format_results(results)
-  return json.dumps(results, indent=2)
+  from kd_jax.dataset_distill import run as distill_run  # pylint: disable=g-import-not-at-top
+  return distill_run.format_results(results)
 
 
 def _run(config, workdir: str) -> None:

@@ -17,9 +17,9 @@ METHODS = {
     "mtt": "kd_jax.dataset_distill.trajectory_matching:TrajectoryMatching",
     "dc": "kd_jax.dataset_distill.gradient_matching:GradientMatching",
     "dm": "kd_jax.dataset_distill.distribution_matching:DistributionMatching",
-    "sre2l": "kd_jax.dataset_distill.recovery:Recovery",
-    "rded": "kd_jax.dataset_distill.patch_selection:PatchSelection",
-    "infer": "kd_jax.dataset_distill.feature_compensator:FeatureCompensator",
+    "sre2l": "kd_jax.dataset_distill.recovery:SRe2LRecovery",
+    "rded": "kd_jax.dataset_distill.patch_selection:RDED",
+    "infer": "kd_jax.dataset_distill.feature_compensator:INFER",
 }
 TEACHER_METHODS = ("sre2l", "rded", "infer")  # read the teacher
 

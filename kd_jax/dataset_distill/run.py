@@ -247,3 +247,23 @@ def run(config, workdir) -> dict:
   if jax.process_index() == 0:  # every process computed the same; one writes
     _write_outputs(workdir, config, results, identity, info, zca, result, num_classes)
   return results
+
+
+def format_results(results: dict) -> str:
+  """What the job prints: test accuracy (mean ± std over the evaluation networks) of the
+  distilled set and its references, per label protocol."""
+  cell = lambda r: f"{100 * r['mean']:.2f} ± {100 * r['std']:.2f}"
+  lines = [f"{results['method']} at IPC {results['ipc']}: {results['num_images']} training "
+           f"images, {results['stored_floats']} floats stored ({results['label_kind']} labels); "
+           f"test accuracy of {results['num_nets']} networks, %"]
+  if "teacher_accuracy" in results:
+    lines.append(f"  teacher: {100 * results['teacher_accuracy']:.2f}")
+  rows = (("distilled_learned_lr", f"distilled, learned α = {results.get('learned_lr', 0):.5f}"),
+          ("distilled_fixed_lr", "distilled, fixed lr"), ("random_real", "random real subset"),
+          ("full_data", "full data"))
+  lines += [f"  [labels]  {label}: {cell(results[key])}" for key, label in rows if key in results]
+  for key, label in (("distilled", "distilled"), ("random_real", "random real subset")):
+    if key in results.get("teacher_protocol", {}):
+      lines.append(f"  [teacher soft labels]  {label}: {cell(results['teacher_protocol'][key])}")
+  return "\n".join(lines)
+
