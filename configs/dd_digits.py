@@ -95,8 +95,8 @@ def get_config(arg=None):
                      current_max_start_epoch=5, max_start_epoch=10, expansion_end_epoch=100,
                      threshold=1.0)
   # The other methods at digits scale: their papers' settings, fewer iterations.
-  c.dc.update(dc_iterations=200)
-  c.dm.update(iterations=2000)
+  c.dc.update(dc_iterations=1000 if ipc == 1 else 200)  # IPC 10: 10 outer × 50 inner loops
+  c.dm.update(iterations=5000)
   c.sre2l.update(iterations=500, jitter=1)
   c.infer.update(iterations=500, jitter=1)
   c.teacher.model.kwargs = ml_collections.ConfigDict(dict(depth=2, width=64, norm="batchnorm"))

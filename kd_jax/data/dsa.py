@@ -165,3 +165,22 @@ def diff_augment(images: jax.Array, key: jax.Array, *, strategy: str = DEFAULT_S
     return images
   index = jax.random.randint(choice_key, (), 0, len(fns))
   return jax.lax.switch(index, fns, images, key)
+
+
+def same_transform(augment, images: jax.Array, key: jax.Array) -> jax.Array:
+  """Applies to every image the transform `augment` gives a batch of one with `key`.
+
+  DSA's Siamese augmentation as DC, DSA and DM use it (VICO-UoE/DatasetCondensation
+  `DiffAugment(x, strategy, seed=s)`, `param.Siamese`): all images share one parameter set, so
+  two batches of any sizes augmented with the same key (a class's real and synthetic images)
+  get the same transform. `diff_augment` alone draws per-image parameters whose values depend
+  on the batch size.
+
+  Args:
+    augment: `augment(images [B, H, W, C], key) -> images`, e.g. `diff_augment`.
+    images: `[B, H, W, C]`.
+    key: the PRNG key of the transform.
+  Returns:
+    `[B, H, W, C]`.
+  """
+  return jax.vmap(lambda x: augment(x[None], key)[0])(images)
