@@ -39,6 +39,9 @@ setup(
             "jupytext",
             "nbclient",
             "ipykernel",
+            # API reference (docs/, built with -W by tests/test_docs.py)
+            "sphinx>=8.1,<10",
+            "myst-parser>=4,<6",   # docs/design.md in the site
         ],
     },
 )

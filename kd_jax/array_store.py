@@ -1,13 +1,11 @@
 """A directory of named numpy arrays, built atomically and resumably, checked on load.
 
 It holds a teacher's cached outputs (e.g. top-k logits per token, or per-(example,
-augmentation) logits), which cost a pass of the teacher over the data to compute:
+augmentation) logits), which cost a pass of the teacher over the data to compute::
 
-```
-DIRECTORY/
-  store.json        {"metadata": {...}, "arrays": {name: {"shape": [...], "dtype": "<f4"}}}
-  <name>.npy        one array per name; all share their leading dimension (rows)
-```
+  DIRECTORY/
+    store.json        {"metadata": {...}, "arrays": {name: {"shape": [...], "dtype": "<f4"}}}
+    <name>.npy        one array per name; all share their leading dimension (rows)
 
 `build` writes into `DIRECTORY.partial/`, `chunk_rows` rows at a time; after each chunk is
 flushed, `progress.json` (written atomically) records the rows done, so a killed build called

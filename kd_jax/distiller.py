@@ -1,5 +1,5 @@
 """Knowledge distillation as a `kd_jax.step.Method`: weighted loss terms between a student and
-frozen teachers, each term with its own loss, weight, hyperparameters, feature taps and adapter.
+frozen teachers, each term with its own loss, weight, hyperparameters, feature taps and adapter::
 
     distiller = Distiller(student_apply, [Term("ce", weight=1.0),
                                           Term("dkd", weight=1.0, warmup_steps=400),

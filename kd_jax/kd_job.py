@@ -43,7 +43,7 @@ from kd_jax.distiller import Distiller, Term, supervised
 
 
 def distill_terms(config) -> list[Term]:
-  """`config.distill.terms` (a sequence of dicts) as `Term`s, errors naming the entry."""
+  """`config.distill.terms` (a sequence of dicts) as `Term` objects, errors naming the entry."""
   terms = config.distill.terms
   if not isinstance(terms, (list, tuple)):
     raise ValueError(f"distill.terms must be a tuple of term dicts, got {type(terms).__name__}")

@@ -223,7 +223,7 @@ def export(path: str, quantizer: Quantizer, params, points=None) -> None:
 
 
 def load(path: str):
-  """The params tree of an `export`ed file, quantized leaves decoded to float32."""
+  """The params tree of a file written by `export`, quantized leaves decoded to float32."""
   with np.load(path) as f:
     arrays = dict(f)
   quantizer = Quantizer(int(arrays.pop("@bits")), int(arrays.pop("@bucket_size")))

@@ -1,6 +1,6 @@
 """Device mesh, parameter/batch shardings and multi-host start-up (docs/design.md, "Sharding").
 
-Everything runs under plain `jax.jit` with `NamedSharding`s; there is no pmap.
+Everything runs under plain `jax.jit` with `NamedSharding` objects; there is no pmap.
 
 * The mesh comes from a config list such as `[("data", -1)]` (pure data parallel) or
   `[("data", -1), ("fsdp", 2)]` (FSDP: params sharded over `fsdp`, batch over both).
@@ -118,7 +118,7 @@ def _fsdp_spec(mesh: Mesh, shape: tuple, min_size: int) -> PartitionSpec:
 
 def param_shardings(params: PyTree, mesh: Mesh, rules: Rules = (), *,
                     fsdp_min_size: int = DEFAULT_FSDP_MIN_SIZE) -> PyTree:
-  """A tree of `NamedSharding`s for `params` (arrays or `jax.ShapeDtypeStruct`s).
+  """A tree of `NamedSharding` objects for `params` (arrays or `jax.ShapeDtypeStruct` leaves).
 
   Args:
     params: any tree of arrays: student params, teacher variables, model state.

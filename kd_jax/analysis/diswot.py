@@ -12,6 +12,7 @@ students of `benchmarks/digits_kd_experiments.py --experiment=capacity`. A candi
 Score = −(semantic distance + relation distance), higher is better (0 for a copy of the
 teacher). Each distance is SP's `‖G_t/‖G_t‖_rows − G_s/‖G_s‖_rows‖²_F / n²`
 (`kd_jax.losses.similarity_preserving`) of a Gram matrix:
+
 - relation: `G = F Fᵀ` `[B, B]` over the batch's `pre_logits` features (the classifier input);
 - semantic: `G = A Aᵀ` `[K, K]` over the classes, where `A = (softmax(z) − y)ᵀ F / B` `[K, D]`
   is the gradient of the mean CE with respect to the classifier weight (`z = F W + b`), the
@@ -20,6 +21,7 @@ teacher). Each distance is SP's `‖G_t/‖G_t‖_rows − G_s/‖G_s‖_rows‖
 Dong, Li, Wei, "DisWOT: Student Architecture Search for Distillation WithOut Training",
 CVPR 2023. Reference: lliai/DisWOT-CVPR2023 (its README's `semantic_similarity_metric`,
 `relation_similarity_metric`; `compute_diswot_procedure` sums the two). Departures:
+
 - the reference's semantic metric compares the per-class `[D, D]` outer products of the fc
   gradient channel by channel (ICKD's `channel_similarity`), which needs equal teacher and
   student widths; the class-by-class `[K, D]·[K, D]ᵀ` Gram compares the same gradients across

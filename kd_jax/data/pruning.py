@@ -1,6 +1,7 @@
 """Data pruning: per-example scores and the subset of a transfer set that is kept.
 
 Scores (higher = harder):
+
 - `random`: uniform draws, so the kept subset is a uniform random one (the baseline that, with
   KD, matches or beats score-based pruning in Ben-Baruch et al., "Distilling the Knowledge in
   Data Pruning", 2024);

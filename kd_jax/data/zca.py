@@ -1,8 +1,10 @@
 """ZCA whitening fitted on a training set, as kornia's `ZCAWhitening` that MTT uses.
 
-With X the centred, flattened train images `[N, D]`, Σ = XᵀX / (N − 1) = U diag(S) Uᵀ:
+With X the centred, flattened train images `[N, D]`, Σ = XᵀX / (N − 1) = U diag(S) Uᵀ::
+
   whiten(x)   = (x − μ) · U diag((S + ε)^−½) Uᵀ
   unwhiten(y) = y · U diag((S + ε)^½) Uᵀ + μ
+
 MTT fits it with ε = 0.1 (kornia's `eps`) on the normalised train set and trains experts and
 synthetic images in the whitened space; `unwhiten` is for display.
 """

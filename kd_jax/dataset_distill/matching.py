@@ -6,7 +6,8 @@ is no second SGD). The matching loss is
 
   L = ‖θ_N − θ*_{t+M}‖² / ‖θ*_t − θ*_{t+M}‖².
 
-Gradient modes (docs/design.md, "Dataset distillation"):
+Gradient modes (docs/design.md, "Dataset distillation")::
+
   "exact"    two passes. The forward stores θ_0..θ_N (N·P floats, no activations); the backward
              recomputes one step at θ_i with cotangent λ_{i+1}, giving λ_i = (I − α H_i) λ_{i+1}
              and accumulating ∂L/∂X, ∂L/∂Y, ∂L/∂α (`TrajectoryMatcher._vjp_step`). Identical to
@@ -20,6 +21,7 @@ Gradient modes (docs/design.md, "Dataset distillation"):
              (about 2% off at α = 0.01, N = 5; far worse for larger α·N).
   "unrolled" full autodiff through the N steps in one jitted function; memory grows with N.
              The reference for tests.
+
 The steps are separate jitted calls driven from Python, never `lax.scan`: on XLA:CPU a conv net
 inside a while loop runs 40–70× slower.
 """
@@ -132,7 +134,7 @@ class TrajectoryMatcher:
   `mesh` (from `kd_jax.sharding.make_mesh`): θ, images, labels and lr are replicated; each
   minibatch is split over the mesh's `data` (and `fsdp`) axes, and the G segments over its
   `segment` axis (`jax.shard_map`, manual over `segment` only): each device group runs its
-  G / |segment| segments. No pmap. Results equal the 1-device ones up to summation order.
+  `G / |segment|` segments. No pmap. Results equal the 1-device ones up to summation order.
 
   The jitted pieces are public for memory analysis: `step` (forward step), `vjp_step`
   (exact/tesla backward step) and `unrolled` (the whole unrolled value-and-grad).

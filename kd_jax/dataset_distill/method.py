@@ -1,6 +1,6 @@
 """What a dataset-distillation method provides to the one outer loop (`distill.optimize`).
 
-A method turns real data into a small synthetic set. It implements `Method`:
+A method turns real data into a small synthetic set. It implements `Method`::
 
   prepare(context)                     once, before the loop: expensive set-up that the
                                        objective needs (trajectory matching's expert buffer,

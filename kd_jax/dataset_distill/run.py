@@ -38,6 +38,7 @@
   (networks trained together, split over gcd(networks, local devices) devices),
   eval.protocols ("labels": the set's own labels; "teacher": teacher soft labels per
   augmented batch through the KD step, the large-scale protocol), eval.temperature (its T)
+
 Outputs in workdir: experts/ (buffer, trajectory matching), teacher/ (when used), distill/ (the
 loop's checkpoints/, metrics.jsonl, tensorboard/, and curve.json, the evaluations so far),
 distilled.npz + distilled.json, zca.npz (if ZCA), synthetic_images.png, accuracy_curve.png,

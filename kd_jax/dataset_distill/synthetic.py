@@ -1,7 +1,8 @@
 """Initial synthetic sets: images from real samples or noise; hard, TESLA or DATM labels.
 
 Synthetic images are ordered by class, `ipc` per class: image `c·ipc + j` belongs to class c.
-Label kinds (see `matching.label_targets`):
+Label kinds (see `matching.label_targets`)::
+
   "hard"   class ids, not learned (MTT).
   "probs"  TESLA's soft labels: softmax of the target expert's logits on the initial images,
            fixed during distillation (Cui et al., ICML 2023).

@@ -5,7 +5,7 @@ key tokens. Outputs are `[B, T]` (averaged over heads) or `[B]` with `per_exampl
 (averaged over real tokens too), float32, teacher gradient-stopped. The keyword-only
 `mask: [B, T]` (1 = real token, 0 = padding) removes padded keys from every distribution and
 zeroes padded query rows; reduce `[B, T]` with `kd_jax.losses.masked_mean(values, mask)` to get
-MiniLM's 1/(A_h·|x|) Σ Σ KL. `per_example` and `num_relation_heads` are static (they set the
+MiniLM's `1/(A_h·|x|) Σ Σ KL`. `per_example` and `num_relation_heads` are static (they set the
 output's shape and the head split).
 
 MiniLM distils the LAST layer of the teacher into the last layer of the student (MiniLMv2:

@@ -132,7 +132,7 @@ def attention_transfer(student_features: jax.Array, teacher_features: jax.Array,
                        p: float = 2.0, mode: str = "code") -> jax.Array:
   """Attention transfer (AT) between spatial attention maps.
 
-  With Q = normalize(mean_c |F|^p) flattened over H·W:
+  With Q = `normalize(mean_c |F|^p)` flattened over H·W:
   `mode="code"` (authors' code, torchdistill default): ℓ_b = mean_{hw} (Q_s − Q_t)²;
   `mode="paper"` (Eq. 2): ℓ_b = ‖Q_s − Q_t‖₂.
 
@@ -218,8 +218,9 @@ def fsp(student_features, teacher_features) -> jax.Array:
 def factor_transfer(student_factor: jax.Array, teacher_factor: jax.Array, *, p: int = 1) -> jax.Array:
   """Factor transfer (FT) between the translator's and the paraphraser's factors.
 
-  With u = f / ‖f‖₂ over all non-batch entries (D of them): `p=1`: ℓ_b = mean_d |u_s − u_t|
-  (torchdistill's `l1_loss(reduction='mean')`); `p≥2`: ℓ_b = ‖u_s − u_t‖_p.
+  With u = f / ‖f‖₂ over all non-batch entries (D of them): `p=1`: ℓ_b =
+  `mean_d |u_s − u_t|` (torchdistill's `l1_loss(reduction='mean')`);
+  `p≥2`: ℓ_b = ‖u_s − u_t‖_p.
 
   Kim et al., "Paraphrasing Complex Network: Network Compression via Factor Transfer",
   NeurIPS 2018. Reference: torchdistill `FTLoss(p=1, reduction='mean')`. Wiring:
@@ -321,7 +322,7 @@ def nst(student_features: jax.Array, teacher_features: jax.Array) -> jax.Array:
 def ofd_margin(bn_scale: jax.Array, bn_bias: jax.Array) -> jax.Array:
   """OFD's per-channel margin: the mean of the teacher's negative pre-ReLU responses.
 
-  For a BatchNorm with scale γ and shift β (so responses ~ N(β, γ²)), with s = |γ|:
+  For a BatchNorm with scale γ and shift β (so responses ~ N(β, γ²)), with s = `|γ|`:
   m = β − s·φ(β/s) / Φ(−β/s) if Φ(−β/s) > 0.001, else −3s.
 
   Heo et al., "A Comprehensive Overhaul of Feature Distillation", ICCV 2019. Reference:

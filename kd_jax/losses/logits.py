@@ -236,13 +236,15 @@ def uskd(student_logits: Array, weak_logits: Array, labels: Array, *, mask: Arra
          alpha: float = 1.0, beta: float = 0.1, mu: float = 0.005) -> Array:
   """Teacher-free USKD: α·target term + β·Zipf non-target term + μ·weak-supervision term.
 
-  Per example, with p = softmax(s), w = softmax(weak) and gt the target class:
+  Per example, with p = softmax(s), w = softmax(weak) and gt the target class::
+
     target:     −q·log p_gt, q = sg(p_gt² + 1 − mean_batch(p_gt²));
     non-target: −Σ_{i≠gt} z_i·log p̂_i, p̂ = softmax over non-target student logits, z a Zipf
                 distribution 1/rank over the non-target classes, ranked (descending) by
                 w_i/(1 − w_gt + 1e-6) + log p_i/(1 − log p_gt + 1e-6) (the reference ranks by
                 the student's log-probabilities; kept for parity);
     weak:       −Σ_i y_i·log w_i with y = 0.9·onehot + 0.1/C.
+
   `weak_logits` come from a linear head on an intermediate student feature (a
   `flax.linen.Dense(num_classes)` whose params live in the student-side state).
 

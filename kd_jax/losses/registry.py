@@ -101,4 +101,12 @@ def get_loss(name: str) -> LossSpec:
 
 
 def list_losses() -> list[str]:
+  """The registry names of every loss, sorted; each is importable as `kd_jax.losses.<name>`.
+
+  >>> from kd_jax import losses
+  >>> "kd" in list_losses(), list_losses() == sorted(list_losses())
+  (True, True)
+  >>> all(getattr(losses, name) is get_loss(name).fn for name in list_losses())
+  True
+  """
   return sorted(_REGISTRY)

@@ -22,6 +22,7 @@ one forward pass, and minimises
 
 (the sigmoid ramp-up of Laine & Aila / Tarvainen over T = `rampup_steps`, t clipped to T), with
 per-example weights (`pseudo_label_weights`):
+
 - FixMatch's hard threshold τ: w = 1 if c ≥ τ else 0, N = U (Sohn et al., NeurIPS 2020);
 - HSSDA's dual thresholds τ_l < τ (Liu et al., "Hierarchical Supervision and Shuffle Data
   Augmentation for 3D Semi-Supervised Object Detection", CVPR 2023): c ≥ τ is a hard pseudo-label

@@ -3,6 +3,7 @@ library's own source, then one student per arm, each scored in bits per characte
 
 `run(config, workdir)` (configs/stdlib_lm.py) trains, each as a resumable `kd_jax.trainer`
 stage:
+
 - `teacher`: the larger `TransformerLM` with next-token cross-entropy;
 - `student_<arm>` for each name in `config.arms`, with the `kd_jax.sequence.SequenceLoss` of
   `config.losses.<arm>` (e.g. `alone`: cross-entropy only; `token_kd`; `topk`, which reads the
