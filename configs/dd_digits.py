@@ -98,6 +98,7 @@ def get_config(arg=None):
   c.dc.update(dc_iterations=1000 if ipc == 1 else 200)  # IPC 10: 10 outer × 50 inner loops
   c.dm.update(iterations=5000)
   c.sre2l.update(iterations=500, jitter=1)
+  c.rded.update(factor=1)  # RDED's CIFAR setting: low resolution, one patch per image
   c.infer.update(iterations=500, jitter=1)
   c.teacher.model.kwargs = ml_collections.ConfigDict(dict(depth=2, width=64, norm="batchnorm"))
   c.teacher.directory = args.teacher_dir

@@ -85,9 +85,10 @@ class INFER:
     num_classes, m = context.num_classes, self.compensators_per_base
     k = infer_budget(context.ipc, num_classes, m)
     if k < 1 or m < 1:
-      raise ValueError(f"INFER with M={m} compensators per base set needs ipc·C >= C + M "
-                       f"(one base set and its compensators); got ipc={context.ipc}, "
-                       f"C={num_classes}")
+      raise ValueError(f"INFER with infer.compensators_per_base={m} needs distill.ipc·C >= "
+                       f"C + {m} (one base image per class and its compensators), got "
+                       f"distill.ipc={context.ipc}, C={num_classes}; raise distill.ipc or "
+                       "lower infer.compensators_per_base (>= 1)")
     self.num_bases = k
     idx = select_real(setup_rng(context.seed), np.asarray(context.train_labels), num_classes, k)
     base = np.asarray(context.train_images, np.float32)[idx]                 # [C·K, ...], c·K + k

@@ -18,7 +18,7 @@ class TinyConvNet(nn.Module):
     x = nn.relu(nn.GroupNorm(num_groups=self.width, dtype=self.dtype, param_dtype=self.dtype)(x))
     x = nn.avg_pool(x, (2, 2), strides=(2, 2)).reshape(x.shape[0], -1)
     return ModelOutput(logits=nn.Dense(self.num_classes, dtype=self.dtype,
-                                       param_dtype=self.dtype)(x))
+                                       param_dtype=self.dtype)(x), features={"pre_logits": x})
 
 
 def tiny_model(rng, *, num_classes=3, image_shape=(8, 8, 1), dtype=jnp.float32):

@@ -1,5 +1,6 @@
 """The one distillation loop resumes: rerun after a kill, every method ends with the values and
-metrics of an uninterrupted run; a resume into another config is refused."""
+metrics of an uninterrupted run; a resume into another config is refused; a NaN stops it with
+the iteration named."""
 import functools
 import shutil
 
@@ -14,8 +15,13 @@ from kd_jax import checkpoint, metrics
 from kd_jax.data.dsa import diff_augment
 from kd_jax.dataset_distill.datm import StartWindow
 from kd_jax.dataset_distill.distill import Recording, distill
-from kd_jax.dataset_distill.method import Context
+from kd_jax.dataset_distill.distribution_matching import DistributionMatching
+from kd_jax.dataset_distill.feature_compensator import INFER
+from kd_jax.dataset_distill.gradient_matching import GradientMatching
+from kd_jax.dataset_distill.method import Context, Teacher
+from kd_jax.dataset_distill.recovery import SRe2LRecovery
 from kd_jax.dataset_distill.trajectory_matching import TrajectoryMatching
+from kd_jax.models import create_model, init_model, make_apply_fn
 
 ITERATIONS, CHECKPOINT_EVERY = 5, 2  # checkpoints after iterations 2, 4 and 5
 META = {"model": "tiny", "num_classes": 3, "image_shape": [8, 8, 1], "ipc": 4,
@@ -31,12 +37,20 @@ def _trajectories():
   return (theta0 + walk).astype(np.float32)
 
 
+@functools.cache
+def _bn_teacher():
+  """A depth-1 BatchNorm ConvNet whose running statistics are its init's (mean 0, var 1)."""
+  module = create_model("convnet", num_classes=3, depth=1, width=4, norm="batchnorm")
+  params, state = init_model(module, jax.random.key(1), (1, 8, 8, 1))
+  return Teacher(make_apply_fn(module), {"params": params, **state})
+
+
 def _context(directory, ipc=4):
   apply_fn, init_params, images, labels = tiny_problem(num_images=30)
   return Context(train_images=images, train_labels=labels, num_classes=3, ipc=ipc,
                  apply_fn=apply_fn, init_params=init_params,
-                 augment=lambda x, key: diff_augment(x, key, strategy="flip"), teacher=None,
-                 seed=0, workdir=directory)
+                 augment=lambda x, key: diff_augment(x, key, strategy="flip"),
+                 teacher=_bn_teacher(), seed=0, workdir=directory)
 
 
 def _matching(label_kind="logits"):
@@ -120,3 +134,40 @@ def test_resume_into_another_config_is_refused(runs, change, match):
   (_, straight_dir), _ = runs
   with pytest.raises(checkpoint.CheckpointError, match=match):
     _run(straight_dir, **change)
+
+
+OTHER_METHODS = {  # ITERATIONS iterations each; DC's network carries over (state) within 2
+    "dc": lambda: GradientMatching(iterations=ITERATIONS, outer_loop=3, inner_loop=2,
+                                   batch_real=8, batch_train=6),
+    "dm": lambda: DistributionMatching(iterations=ITERATIONS, batch_real=8),
+    "sre2l": lambda: SRe2LRecovery(iterations=ITERATIONS, jitter=1),
+    "infer": lambda: INFER(iterations=ITERATIONS, compensators_per_base=1, jitter=1),
+}
+
+
+@pytest.mark.parametrize("name", sorted(OTHER_METHODS))
+def test_every_method_resumes_to_the_uninterrupted_set(name, tmp_path):
+  metadata = {"method": name, "ipc": 4}
+  run = lambda directory: distill(OTHER_METHODS[name](), _context(directory),
+                                  Recording(str(directory), metadata,
+                                            checkpoint_every=CHECKPOINT_EVERY))
+  straight = run(tmp_path / "straight")
+  _kill_after_first_checkpoint(tmp_path / "straight", tmp_path / "resumed")
+  resumed = run(tmp_path / "resumed")
+  method = OTHER_METHODS[name]()
+  method.prepare(_context(tmp_path / "fresh"))
+  initial = method.distilled(method.start(_context(tmp_path / "fresh")).values)
+  assert not np.allclose(straight.images, initial.images)  # it distilled
+  np.testing.assert_array_equal(resumed.images, straight.images)
+  np.testing.assert_array_equal(resumed.labels, straight.labels)
+  assert (metrics.read_jsonl(tmp_path / "resumed" / "metrics.jsonl") ==
+          metrics.read_jsonl(tmp_path / "straight" / "metrics.jsonl"))
+
+
+def test_a_nan_loss_stops_the_loop_naming_the_iteration(tmp_path):
+  method = DistributionMatching(iterations=ITERATIONS, batch_real=8, lr_img=1e30)
+  with pytest.raises(metrics.NonFiniteLossError,
+                     match=r"dm: the distillation loss became (nan|inf) at iteration 1; .*"
+                           r"last good checkpoint \(iteration 1\).*learning rates of \['images'\]"):
+    # Iteration 0 is finite; its update (lr 1e30) sends iteration 1's loss to NaN.
+    distill(method, _context(tmp_path), Recording(str(tmp_path), {"ipc": 4}, checkpoint_every=1))
