@@ -107,6 +107,9 @@ def _run(config, workdir: str) -> None:
       batch_sizes = [v for k, v in workdir_lib.flatten(resolved).items()
                      if k.endswith("batch_size") and isinstance(v, int) and v > 0]
       sharding.use_host_cores(batch_sizes, config.mesh.axes, config.mesh.get("cpu_devices", -1))
+  if config.job == "distill_dataset":  # fingerprint only what the chosen method reads
+    from kd_jax.dataset_distill import methods  # pylint: disable=g-import-not-at-top
+    resolved = methods.results_config(resolved)
   workdir_lib.check_path(workdir)
   if workdir_lib.check_config(workdir, resolved):
     results = workdir_lib.read_results(workdir)

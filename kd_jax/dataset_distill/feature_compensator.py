@@ -67,6 +67,7 @@ class INFER:
     jitter: roll offsets in [0, jitter] pixels (4).
     labels: "teacher" (static soft labels, the reference) or "hard".
   """
+  uses_teacher = True  # the job trains the teacher (a class attribute, not a field)
   name: str = "infer"
   iterations: int = 1000
   compensators_per_base: int = 4

@@ -1,4 +1,4 @@
-"""What a dataset-distillation method provides to the one outer loop (`distill.optimize`).
+"""What a dataset-distillation method provides to the one outer loop (`distill.distill`).
 
 A method turns real data into a small synthetic set. It implements `Method`::
 
@@ -12,11 +12,14 @@ A method turns real data into a small synthetic set. It implements `Method`::
     -> Step                            respect to the values; grads None skips the update.
   distilled(values) -> DistilledSet    the set to evaluate and save.
 
-`iterations` is the number of outer iterations (0 for a selection method such as RDED, whose
-`start` already holds the final set). Every random draw of iteration i must depend on
-(context.seed, i) only (`iteration_rng`, `iteration_key`): then a killed run resumes to the
-set an uninterrupted run ends with. Adding a method is one file with one class; register it in
-`kd_jax.dataset_distill.methods.METHODS` to reach it from a config.
+A method that reads `context.teacher` says so with a class attribute `uses_teacher = True`
+(the job then trains the teacher). `iterations` is the number of outer iterations (0 for a
+selection method such as RDED, whose `start` already holds the final set). Every random draw
+of iteration i must depend on (context.seed, i) only (`iteration_rng`, `iteration_key`): then a
+killed run resumes to the set an uninterrupted run ends with. Adding a method is one file with
+one class: reach it from a config by `distill.method="package.module:ClassName"` (its
+hyperparameters from `method_kwargs`), or register it in
+`kd_jax.dataset_distill.methods.METHODS`.
 """
 import dataclasses
 from pathlib import Path

@@ -21,7 +21,7 @@ METHODS = {
     "rded": "kd_jax.dataset_distill.patch_selection:RDED",
     "infer": "kd_jax.dataset_distill.feature_compensator:INFER",
 }
-TEACHER_METHODS = ("sre2l", "rded", "infer")  # read the teacher
+MATCHING_FIELDS = ("method", "ipc")  # the `distill` fields every method reads
 
 
 def method_class(spec: str) -> type:
@@ -35,6 +35,30 @@ def method_class(spec: str) -> type:
     return getattr(importlib.import_module(module_name), class_name)
   except (ImportError, AttributeError) as e:
     raise ValueError(f"distill.method={spec!r}: cannot import {path} ({e})") from None
+
+
+def uses_teacher(spec: str) -> bool:
+  """Whether the method reads `context.teacher` (its class attribute `uses_teacher = True`)."""
+  return getattr(method_class(spec), "uses_teacher", False)
+
+
+def results_config(config: dict) -> dict:
+  """The part of a `distill_dataset` config (a plain dict) that its results depend on: the other
+  methods' sections, trajectory matching's fields and experts (for another method) and the
+  teacher (when neither the method nor an evaluation protocol reads it) are dropped, so changing
+  them leaves a finished workdir valid."""
+  spec = config["distill"]["method"]
+  drop = {name for name in METHODS if name not in ("mtt", spec)}
+  if spec in METHODS:
+    drop.add("method_kwargs")
+  if spec != "mtt":
+    drop.add("experts")
+  if not uses_teacher(spec) and "teacher" not in config["eval"]["protocols"]:
+    drop.add("teacher")
+  kept = {k: v for k, v in config.items() if k not in drop}
+  if spec != "mtt":
+    kept["distill"] = {k: v for k, v in config["distill"].items() if k in MATCHING_FIELDS}
+  return kept
 
 
 def _from_section(cls: type, section: dict, where: str) -> Method:

@@ -112,6 +112,7 @@ class RDED:
   kept patches, rank order), `boxes` `[ipc·factor², 4]` (top, left, h, w) and `scores` (their
   cross-entropies).
   """
+  uses_teacher = True  # the job trains the teacher (a class attribute, not a field)
   name: str = "rded"
   iterations: int = 0
   factor: int = 2

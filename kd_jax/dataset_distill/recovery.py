@@ -285,6 +285,7 @@ class SRe2LRecovery:
   The set is `ipc` images per class in class order, hard labels; batch j holds images
   c·ipc + j of every class c.
   """
+  uses_teacher = True  # the job trains the teacher (a class attribute, not a field)
   name: str = "sre2l"
   iterations: int = 1000
   lr: float = 0.25

@@ -165,7 +165,7 @@ def run(config, workdir) -> dict:
   mesh = sharding.make_mesh(tuple(map(tuple, config.mesh.axes)))
   teacher, results = None, {"method": config.distill.method, "ipc": config.distill.ipc,
                             "num_nets": config.eval.num_nets, "protocols": list(protocols)}
-  if config.distill.method in methods.TEACHER_METHODS or "teacher" in protocols:
+  if methods.uses_teacher(config.distill.method) or "teacher" in protocols:
     t = config.teacher
     recipe = TeacherRecipe(model=t.model.name, model_kwargs=dict(t.model.kwargs),
                            epochs=t.epochs, lr=t.lr, batch_size=t.batch_size,

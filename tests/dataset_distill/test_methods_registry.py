@@ -62,3 +62,19 @@ def test_unknown_method_fields_are_named():
   with pytest.raises(ValueError, match=r"config.dm has unknown fields \['lr_images'\]; "
                                        r"DistributionMatching takes: .*lr_img"):
     methods.build(config, ExpertRecipe())
+
+
+def test_workdir_fingerprint_holds_only_what_the_method_reads():
+  from kd_jax import workdir  # pylint: disable=g-import-not-at-top
+  fingerprint = lambda config: workdir.fingerprint(
+      methods.results_config(workdir.config_dict(config)))
+  dm = fingerprint(_config("runlocal,method=dm"))
+  assert fingerprint(_config("runlocal,method=dm", rded__factor=2, distill__syn_steps=7,
+                             experts__epochs=9, teacher__epochs=4)) == dm
+  assert fingerprint(_config("runlocal,method=dm", dm__lr_img=2.0)) != dm
+  assert fingerprint(_config("runlocal,method=dm,teacher_labels", teacher__epochs=4)) != \
+      fingerprint(_config("runlocal,method=dm,teacher_labels"))
+  mtt = fingerprint(_config("runlocal"))
+  assert fingerprint(_config("runlocal", dm__lr_img=2.0)) == mtt
+  assert fingerprint(_config("runlocal", distill__syn_steps=7)) != mtt
+  assert any(k.startswith("teacher.") for k in fingerprint(_config("runlocal,method=rded")))
