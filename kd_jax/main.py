@@ -107,18 +107,20 @@ def _run(config, workdir: str) -> None:
       batch_sizes = [v for k, v in workdir_lib.flatten(resolved).items()
                      if k.endswith("batch_size") and isinstance(v, int) and v > 0]
       sharding.use_host_cores(batch_sizes, config.mesh.axes, config.mesh.get("cpu_devices", -1))
+  relevant = None
   if config.job == "distill_dataset":  # fingerprint only what the chosen method reads
     from kd_jax.dataset_distill import methods  # pylint: disable=g-import-not-at-top
-    resolved = methods.results_config(resolved)
+    relevant = methods.results_config
   workdir_lib.check_path(workdir)
-  if workdir_lib.check_config(workdir, resolved):
+  if workdir_lib.check_config(workdir, resolved, relevant):
     results = workdir_lib.read_results(workdir)
     if results is not None:
       print(f"{workdir} holds a finished run of this config; its results (delete "
             f"{workdir_lib.RESULTS_FILE} there to recompute them):", file=sys.stderr)
       print(_report(config, results))
       return
-  lock = workdir_lib.claim(workdir, resolved, primary=jax.process_index() == 0)
+  lock = workdir_lib.claim(workdir, resolved, primary=jax.process_index() == 0,
+                          relevant=relevant)
   logging.info("config:\n%s", config)
   try:
     if config.job == "kd":

@@ -15,6 +15,7 @@ import os
 import socket
 import sys
 import time
+from typing import Callable
 
 from kd_jax.checkpoint import atomic_write_json
 
@@ -81,8 +82,11 @@ def check_path(path: str) -> None:
     raise WorkdirError(f"--workdir={path} {what}, not a directory. Choose another --workdir.")
 
 
-def check_config(path: str, config: dict) -> bool:
+def check_config(path: str, config: dict, relevant: Callable[[dict], dict] | None = None) -> bool:
   """Checks `config` against the one stored in `path`; returns whether one is stored.
+
+  `relevant(config) -> config` keeps the part results depend on (applied to both sides, so a
+  stored config that holds more fields than this run reads still matches).
 
   Raises:
     WorkdirError: the stored config differs (the message lists the fields), cannot be read, or
@@ -102,6 +106,8 @@ def check_config(path: str, config: dict) -> bool:
       stored = json.load(f)
   except (OSError, ValueError) as e:
     raise WorkdirError(f"{stored_path} cannot be read ({e}); use a fresh --workdir.") from None
+  if relevant is not None:
+    stored, config = relevant(stored), relevant(config)
   diffs = config_diff(stored, config)
   if diffs:
     listed = "\n".join(f"  {d}" for d in diffs)
@@ -156,7 +162,8 @@ class Lock:
     self._file.close()  # closing the descriptor releases the flock
 
 
-def claim(path: str, config: dict, *, primary: bool = True) -> Lock | None:
+def claim(path: str, config: dict, *, primary: bool = True,
+          relevant: Callable[[dict], dict] | None = None) -> Lock | None:
   """Makes `path` this run's: creates it, locks it, checks the config, writes `config.json`.
 
   Args:
@@ -164,6 +171,7 @@ def claim(path: str, config: dict, *, primary: bool = True) -> Lock | None:
     config: the resolved config (`config_dict(config)`).
     primary: False on all processes of a multi-host run but the first: they only create the
       directory; the first locks it and writes the config.
+    relevant: the part of a config results depend on (see `check_config`).
   Returns:
     The held lock (None when not primary); keep it for the run's life.
   """
@@ -172,7 +180,7 @@ def claim(path: str, config: dict, *, primary: bool = True) -> Lock | None:
     return None
   lock = Lock(path)
   try:
-    check_config(path, config)  # again, now that no other run can write in between
+    check_config(path, config, relevant)  # again, now that no other run can write in between
     atomic_write_json(os.path.join(path, CONFIG_FILE), config)
   except BaseException:
     lock.release()
