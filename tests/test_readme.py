@@ -38,3 +38,13 @@ def test_readme_term_configs_are_valid_terms():
     terms = [Term.from_config(t, f"README terms[{i}]")
              for i, t in enumerate(ast.literal_eval(literal))]
     Distiller(None, terms, {"teacher": None}, num_data=1)
+
+
+def test_readme_method_example_is_the_tested_one():
+  """The README's "method in one file" class is, line for line, the one
+  tests/dataset_distill/test_methods_registry.py runs on the loop."""
+  block = next(b for b in re.findall(r"```python\n(.+?)\n```", README, flags=re.S)
+               if "class ClassMeanMatching" in b)
+  tested = open(os.path.join(ROOT, "tests", "dataset_distill", "class_mean_example.py")).read()
+  body = lambda text: text[text.index("@dataclasses.dataclass"):].strip()
+  assert body(block) == body(tested)

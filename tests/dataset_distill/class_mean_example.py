@@ -22,7 +22,8 @@ class ClassMeanMatching:
     self._class_ids = dd.class_ids(context.num_classes, context.ipc)
 
   def start(self, context: dd.Context) -> dd.Start:
-    noise = np.random.default_rng(context.seed).standard_normal((len(self._class_ids), *context.train_images.shape[1:]))
+    noise = np.random.default_rng(context.seed).standard_normal(
+        (len(self._class_ids), *context.train_images.shape[1:]))
     return dd.Start(values={"images": jnp.asarray(noise, jnp.float32)},
                     optimizers={"images": optax.sgd(self.lr)})
 
@@ -33,5 +34,4 @@ class ClassMeanMatching:
 
   def distilled(self, values) -> dd.DistilledSet:
     return dd.DistilledSet(images=np.asarray(values["images"]), labels=self._class_ids,
-                           label_kind="hard", lr=None,
-                           stored_floats=dd.stored_floats(values))
+                           label_kind="hard", lr=None, stored_floats=dd.stored_floats(values))
