@@ -27,26 +27,38 @@
 
 # %% [markdown]
 # ## Setup
-# Inside Colab this cell clones kd_jax and installs it. Elsewhere (your Jupyter, CI) it installs
-# nothing and uses the checkout this notebook lives in. The experiment configs (`configs/`) sit next
-# to the `kd_jax` package in the repository, so the checkout also goes on `sys.path`.
+# **In Colab** this cell installs kd_jax with pip: `pip install kd_jax` from the package index, which
+# works once kd_jax is published on PyPI. Until then, upload or mount a checkout of the repository
+# (e.g. on Google Drive) and set `KD_JAX_PATH` to it, here or in the environment: the cell then
+# installs from that local path. **Elsewhere** (your Jupyter, CI) it installs nothing and uses the
+# checkout this notebook lives in.
+#
+# The experiment configs (`configs/`) sit next to the `kd_jax` package in the repository and are
+# not part of the pip package; the cell puts the checkout on `sys.path` so that `from configs
+# import ...` works. `losses_in_your_project` needs no configs; the other notebooks read them, so
+# in Colab they need the checkout (`KD_JAX_PATH`), and the cell says so when there is none.
 
 # %%
 import os
 import subprocess
 import sys
 
-# Point this at your clone or fork of kd_jax.
-KD_JAX_REPO = "https://github.com/kd-jax/kd_jax"
+KD_JAX_PATH = os.environ.get("KD_JAX_PATH", "")  # Colab: your uploaded or mounted checkout
 
 if "google.colab" in sys.modules:
-  REPO_DIR = "/content/kd_jax"
-  if not os.path.isdir(REPO_DIR):
-    subprocess.run(["git", "clone", "--depth=1", KD_JAX_REPO, REPO_DIR], check=True)
-  subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", REPO_DIR], check=True)
+  if KD_JAX_PATH:  # a local checkout: the package and its configs
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", KD_JAX_PATH], check=True)
+  else:  # the released package from PyPI, without configs/
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "kd_jax"], check=True)
+  REPO_DIR = KD_JAX_PATH
 else:
   REPO_DIR = os.path.dirname(os.getcwd())  # Jupyter starts kernels in the notebook's folder, colabs/
-sys.path.insert(0, REPO_DIR)
+if REPO_DIR:
+  sys.path.insert(0, os.path.abspath(REPO_DIR))
+HAVE_CONFIGS = bool(REPO_DIR) and os.path.isdir(os.path.join(REPO_DIR, "configs"))
+if not HAVE_CONFIGS:
+  print("No kd_jax checkout with configs/ found: notebooks that import `configs` need one; "
+        "upload or mount it and set KD_JAX_PATH to its path.")
 
 # %% [markdown]
 # ## Parameters

@@ -1,7 +1,11 @@
-"""The colabs run top to bottom on small settings, and each .ipynb matches its .py twin."""
+"""The colabs run top to bottom on small settings, each .ipynb matches its .py twin, and every
+notebook starts with the same setup cell (pip in Colab, this checkout elsewhere)."""
+import ast
 import json
 import os
+import subprocess
 import sys
+import types
 
 import jupytext
 import nbclient
@@ -11,7 +15,7 @@ from ipykernel import kernelspec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COLABS = os.path.join(ROOT, "colabs")
-NOTEBOOKS = ["quickstart_kd", "losses_in_your_project"]
+NOTEBOOKS = ["quickstart_kd", "losses_in_your_project", "regimes", "analysis", "sequence"]
 KERNEL_NAME = "kd_jax_test"
 
 
@@ -40,15 +44,48 @@ def _images(nb) -> int:
              for cell in nb.cells for output in cell.get("outputs", []))
 
 
-def test_quickstart_kd_runs_top_to_bottom(kernel_name, digits_data_dir, tmp_path, monkeypatch):
-  workdir = tmp_path / "work"
+# The kernels compile many small programs and run each a few steps: XLA's cheaper CPU code
+# generation roughly halves a SMALL notebook's time. One device, as in Colab (no forced count).
+FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+
+
+def _execute(name: str, kernel_name: str, monkeypatch, workdir=None, data_dir=None):
+  """Runs colabs/<name>.ipynb top to bottom with KD_JAX_COLAB_SMALL=1; returns the executed
+  notebook. Raises CellExecutionError, with the failing cell's traceback, if any cell fails."""
   monkeypatch.setenv("KD_JAX_COLAB_SMALL", "1")
-  monkeypatch.setenv("KD_JAX_COLAB_WORKDIR", str(workdir))
-  monkeypatch.setenv("KD_JAX_COLAB_DATA_DIR", digits_data_dir)
-  nb = nbformat.read(os.path.join(COLABS, "quickstart_kd.ipynb"), as_version=4)
-  # Raises CellExecutionError, with the failing cell's traceback, if any cell fails.
+  monkeypatch.setenv("XLA_FLAGS", FAST_COMPILE_FLAGS)
+  if workdir is not None:
+    monkeypatch.setenv("KD_JAX_COLAB_WORKDIR", str(workdir))
+  if data_dir is not None:
+    monkeypatch.setenv("KD_JAX_COLAB_DATA_DIR", data_dir)
+  nb = nbformat.read(os.path.join(COLABS, f"{name}.ipynb"), as_version=4)
   nbclient.NotebookClient(nb, kernel_name=kernel_name, timeout=300,
                           resources={"metadata": {"path": COLABS}}).execute()
+  return nb
+
+
+def _lines_after(text: str, header: str) -> list[str]:
+  """The lines after the first line that starts with `header`, up to the next blank line."""
+  lines = text.splitlines()
+  start = next(i for i, line in enumerate(lines) if line.startswith(header))
+  block = []
+  for line in lines[start + 1:]:
+    if not line.strip():
+      break
+    block.append(line)
+  return block
+
+
+def _percent(word: str) -> float:
+  assert word.endswith("%"), word
+  value = float(word[:-1])
+  assert 0 <= value <= 100, word
+  return value
+
+
+def test_quickstart_kd_runs_top_to_bottom(kernel_name, digits_data_dir, tmp_path, monkeypatch):
+  workdir = tmp_path / "work"
+  nb = _execute("quickstart_kd", kernel_name, monkeypatch, workdir, digits_data_dir)
   text = _outputs_text(nb)
   for stage in ("teacher", "student_baseline", "student_kd", "student_dkd"):
     assert stage in text
@@ -60,10 +97,7 @@ def test_quickstart_kd_runs_top_to_bottom(kernel_name, digits_data_dir, tmp_path
 
 
 def test_losses_in_your_project_runs_top_to_bottom(kernel_name, monkeypatch):
-  monkeypatch.setenv("KD_JAX_COLAB_SMALL", "1")
-  nb = nbformat.read(os.path.join(COLABS, "losses_in_your_project.ipynb"), as_version=4)
-  nbclient.NotebookClient(nb, kernel_name=kernel_name, timeout=300,
-                          resources={"metadata": {"path": COLABS}}).execute()
+  nb = _execute("losses_in_your_project", kernel_name, monkeypatch)
   text = _outputs_text(nb)
   assert "teacher test accuracy" in text
   for arm in ("CE only", "CE + KD", "CE + KD + FitNet"):
@@ -73,6 +107,127 @@ def test_losses_in_your_project_runs_top_to_bottom(kernel_name, monkeypatch):
     line = next(l for l in text.splitlines() if l.startswith(divergence))
     loss, padded = (float(w.rstrip(";,")) for w in (line.split()[2], line.split()[6]))
     assert loss == padded and line.endswith("gradient at the padding: 0.0")
+
+
+def test_regimes_runs_top_to_bottom(kernel_name, digits_data_dir, tmp_path, monkeypatch):
+  workdir = tmp_path / "work"
+  nb = _execute("regimes", kernel_name, monkeypatch, workdir, digits_data_dir)
+  text = _outputs_text(nb)
+  # The results table: the baseline, then each regime's networks, each with a test accuracy.
+  found = {}
+  for line in _lines_after(text, "regime "):
+    regime, stage, *_, accuracy = line.split()
+    _percent(accuracy)
+    found.setdefault(regime, []).append(stage)
+  assert found == {
+      "(none)": ["student_baseline"],
+      "multi_teacher": ["teacher_cnn", "teacher_mlp", "student_multi_teacher"],
+      "mutual": ["mutual/student", "mutual/peer"],
+      "mean_teacher": ["student_labeled_only", "mean_teacher/student", "mean_teacher/teacher"]}
+  fraction = next(l for l in text.splitlines() if l.startswith("mean_teacher, step 20: "))
+  _percent(fraction.split()[3])
+  assert _images(nb) == 1  # one figure, the three regimes' learning curves side by side
+  for regime in ("multi_teacher", "mutual", "mean_teacher"):
+    assert os.path.exists(workdir / regime / "results.json")
+  # The student alone is trained once, in the first regime's run.
+  assert os.path.exists(workdir / "multi_teacher" / "student_baseline" / "metrics.jsonl")
+  assert not os.path.exists(workdir / "mutual" / "student_baseline")
+  assert not os.path.exists(workdir / "mean_teacher" / "student_baseline")
+
+
+def test_analysis_runs_top_to_bottom(kernel_name, digits_data_dir, tmp_path, monkeypatch):
+  from kd_jax.analysis import diswot  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path / "work"
+  nb = _execute("analysis", kernel_name, monkeypatch, workdir, digits_data_dir)
+  text = _outputs_text(nb)
+  job_accuracy = {line.split()[0]: line.split()[3]
+                  for line in _lines_after(text, "stage ")[1:]}  # after the dashes
+  assert set(job_accuracy) == {"teacher", "student_baseline", "student_kd"}
+  # CKA of the logits, teacher against each student.
+  for stage in ("student_baseline", "student_kd"):
+    line = next(l for l in text.splitlines() if l.startswith(f"{stage}: CKA("))
+    assert 0 <= float(line.split()[-1]) <= 1, line
+  # The DisWOT ranking: SMALL's 3 candidates, best first, scores = -(distances) <= 0.
+  ranking = _lines_after(text, "rank ")
+  assert [int(line.split()[0]) for line in ranking] == [1, 2, 3]
+  scores = [float(line.split()[-3]) for line in ranking]
+  assert scores == sorted(scores, reverse=True) and all(s <= 0 for s in scores)
+  names = {str(diswot.Candidate.parse(spec)) for spec in diswot.DIGITS_STUDENTS[::2]}
+  assert {line.split()[1] for line in ranking} == {n.split()[0] for n in names}
+  # Calibration: each network's ECE in [0, 1]; its accuracy from `trainer.predict` is the job's.
+  calibration = _lines_after(text, "network ")
+  assert [line.split()[0] for line in calibration] == ["teacher", "student_baseline", "student_kd"]
+  for line in calibration:
+    stage, accuracy, confidence, ece = line.split()
+    assert accuracy == job_accuracy[stage]
+    _percent(confidence)
+    assert 0 <= float(ece) <= 1
+  assert _images(nb) == 3  # CKA heatmaps, DisWOT scores, reliability diagrams
+
+
+def test_sequence_runs_top_to_bottom(kernel_name, tmp_path, monkeypatch):
+  workdir = tmp_path / "work"
+  nb = _execute("sequence", kernel_name, monkeypatch, workdir)
+  text = _outputs_text(nb)
+  rows = _lines_after(text, "stage ")[1:]  # after the dashes
+  assert [line.split()[0] for line in rows] == ["teacher", "student_alone", "student_token_kd"]
+  for line in rows:
+    bpc = float(line.split()[-1])
+    assert 0 < bpc < 10, line  # random guessing over 98 characters: log2(98) = 6.6 bits
+  # The job's one sample per network, then the notebook's batched samples (printed with repr).
+  for stage in ("teacher", "student_alone", "student_token_kd"):
+    assert _lines_after(text, f"--- {stage} ---")[0].startswith("def ")
+  samples = [ast.literal_eval(line) for line in text.splitlines() if line.startswith("'def ")
+             or line.startswith('"def ')]
+  assert len(samples) == 6  # 3 from the teacher, 3 from the KD student
+  assert all(s.startswith("def ") and len(s) == 64 for s in samples)
+  assert _images(nb) == 1  # the training curves
+  assert os.path.exists(workdir / "results.json")
+
+
+def _setup_cells(name: str):
+  """The markdown and code cells of the notebook's "## Setup" section."""
+  cells = jupytext.read(os.path.join(COLABS, f"{name}.py")).cells
+  i = next(i for i, c in enumerate(cells) if c.source.startswith("## Setup"))
+  assert cells[i + 1].cell_type == "code"
+  return cells[i].source, cells[i + 1].source
+
+
+def test_setup_cell_is_the_same_in_every_notebook():
+  first = _setup_cells(NOTEBOOKS[0])
+  for name in NOTEBOOKS[1:]:
+    assert _setup_cells(name) == first, name
+  for name in os.listdir(COLABS):  # no placeholder repository to clone
+    text = open(os.path.join(COLABS, name), encoding="utf-8").read()
+    assert "github.com" not in text and "git clone" not in text and "KD_JAX_REPO" not in text
+
+
+@pytest.mark.parametrize("kd_jax_path", ["", "/content/drive/MyDrive/kd_jax"])
+def test_setup_cell_in_colab_installs_from_pypi_or_the_given_checkout(kd_jax_path, monkeypatch):
+  """In Colab: `pip install kd_jax`, or an editable install of KD_JAX_PATH; nothing is cloned."""
+  calls = []
+  monkeypatch.setattr(subprocess, "run", lambda args, **kwargs: calls.append(args))
+  monkeypatch.setitem(sys.modules, "google.colab", types.ModuleType("google.colab"))
+  monkeypatch.setattr(sys, "path", list(sys.path))
+  monkeypatch.setenv("KD_JAX_PATH", kd_jax_path)
+  namespace = {}
+  exec(_setup_cells(NOTEBOOKS[0])[1], namespace)  # pylint: disable=exec-used
+  target = ["-e", kd_jax_path] if kd_jax_path else ["kd_jax"]
+  assert calls == [[sys.executable, "-m", "pip", "install", "-q", *target]]
+  assert namespace["REPO_DIR"] == kd_jax_path and not namespace["HAVE_CONFIGS"]
+  assert (sys.path[0] == kd_jax_path) == bool(kd_jax_path)
+
+
+def test_setup_cell_elsewhere_uses_this_checkout(monkeypatch):
+  calls = []
+  monkeypatch.setattr(subprocess, "run", lambda args, **kwargs: calls.append(args))
+  monkeypatch.delitem(sys.modules, "google.colab", raising=False)
+  monkeypatch.setattr(sys, "path", list(sys.path))
+  monkeypatch.chdir(COLABS)
+  namespace = {}
+  exec(_setup_cells(NOTEBOOKS[0])[1], namespace)  # pylint: disable=exec-used
+  assert calls == [] and namespace["REPO_DIR"] == ROOT and namespace["HAVE_CONFIGS"]
+  assert sys.path[0] == ROOT
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
