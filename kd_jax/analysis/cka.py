@@ -109,11 +109,11 @@ def save_heatmap(path: str, matrix: np.ndarray, teacher_names, student_names, *,
                  title: str = "") -> None:
   """A PNG heatmap of `matrix` `[teacher taps, student taps]` on [0, 1], axes labelled with the
   tap names; each cell shows its value when there are at most `MAX_ANNOTATED_CELLS`."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
   rows, cols = matrix.shape
-  fig, ax = plt.subplots(figsize=(max(4.8, 2.2 + 0.8 * cols), 1.6 + 0.5 * rows))
+  # A Figure without pyplot: no backend is switched, so a notebook's own plots still show.
+  fig = Figure(figsize=(max(4.8, 2.2 + 0.8 * cols), 1.6 + 0.5 * rows))
+  ax = fig.subplots()
   image = ax.imshow(matrix, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
   ax.set_xticks(range(cols), student_names, rotation=30, ha="right")
   ax.set_yticks(range(rows), teacher_names)
@@ -127,7 +127,6 @@ def save_heatmap(path: str, matrix: np.ndarray, teacher_names, student_names, *,
   ax.set_title(title, fontsize=9)
   fig.tight_layout()
   fig.savefig(path, dpi=100)
-  plt.close(fig)
 
 
 def run(workdir: str, stage: str, *, examples: int = 500, out: str | None = None,

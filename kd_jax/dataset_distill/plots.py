@@ -1,22 +1,16 @@
-"""PNG figures of a distillation run (matplotlib, Agg backend)."""
+"""PNG figures of a distillation run (matplotlib `Figure`s without pyplot: no backend is
+switched, so a notebook's own plots still show)."""
 import numpy as np
-
-
-def _pyplot():
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  return plt
+from matplotlib.figure import Figure
 
 
 def save_image_grid(path, images: np.ndarray, *, num_classes: int, ipc: int,
                     max_per_class: int = 10) -> None:
   """One row per class, up to `max_per_class` images each. images `[classes·ipc, H, W, C]`
   in display space (e.g. after un-normalising / ZCA inverse); each image is min-max scaled."""
-  plt = _pyplot()
   cols = min(ipc, max_per_class)
-  fig, axes = plt.subplots(num_classes, cols, figsize=(cols * 0.9, num_classes * 0.9),
-                           squeeze=False)
+  fig = Figure(figsize=(cols * 0.9, num_classes * 0.9))
+  axes = fig.subplots(num_classes, cols, squeeze=False)
   for c in range(num_classes):
     for j in range(cols):
       img = images[c * ipc + j]
@@ -29,15 +23,14 @@ def save_image_grid(path, images: np.ndarray, *, num_classes: int, ipc: int,
         ax.set_ylabel(str(c), rotation=0, labelpad=10)
   fig.tight_layout()
   fig.savefig(path, dpi=100)
-  plt.close(fig)
 
 
 def save_accuracy_curve(path, iterations, means, stds, *, references: dict | None = None,
                         title: str = "") -> None:
   """Test accuracy (mean ± std over networks) against distillation iteration; `references`
   maps a label to a horizontal line (e.g. random real subset, full data)."""
-  plt = _pyplot()
-  fig, ax = plt.subplots(figsize=(5, 3.5))
+  fig = Figure(figsize=(5, 3.5))
+  ax = fig.subplots()
   means, stds = np.asarray(means) * 100, np.asarray(stds) * 100
   ax.errorbar(iterations, means, yerr=stds, marker="o", capsize=3, label="distilled")
   for i, (name, value) in enumerate((references or {}).items()):
@@ -48,4 +41,3 @@ def save_accuracy_curve(path, iterations, means, stds, *, references: dict | Non
   ax.legend()
   fig.tight_layout()
   fig.savefig(path, dpi=100)
-  plt.close(fig)

@@ -96,8 +96,8 @@ class _Job:
 
   def init(self, module: TransformerLM, seed_offset: int) -> dict:
     tokens = jnp.zeros((1, self.config.data.seq_length), jnp.int32)
-    return {"params": module.init(jax.random.fold_in(self.rng, seed_offset), tokens,
-                                  train=False)["params"]}
+    init = jax.jit(lambda rng: module.init(rng, tokens, train=False)["params"])  # one compile
+    return {"params": init(jax.random.fold_in(self.rng, seed_offset))}
 
   def batches(self, seed: int, extra=None):
     batches = lambda start: corpus_lib.train_batches(
