@@ -201,28 +201,12 @@ plt.show()
 # probability). A calibrated model's accuracy in each bin equals its mean confidence there; the
 # ECE is the average gap, weighted by the bins' sizes:
 # ECE = Σ_b (n_b / N)·|accuracy_b − confidence_b|, between 0 (calibrated) and 1.
-# `trainer.predict` returns every test image's logits; the binning is a few lines of NumPy (kd_jax
-# has no calibration metric of its own).
+# `trainer.predict` returns every test image's logits; `kd_jax.analysis.calibration.reliability`
+# bins them and computes the ECE.
 
 # %%
 from kd_jax import trainer
-
-
-def reliability(logits, labels, num_bins=15):
-  """Per-bin accuracy, mean confidence and count over equal-width confidence bins, and the ECE."""
-  logits = logits.astype(np.float64)
-  probs = np.exp(logits - logits.max(-1, keepdims=True))
-  probs /= probs.sum(-1, keepdims=True)
-  confidence, correct = probs.max(-1), probs.argmax(-1) == labels
-  bins = np.minimum((confidence * num_bins).astype(int), num_bins - 1)
-  count = np.bincount(bins, minlength=num_bins)
-  safe = np.maximum(count, 1)
-  accuracy = np.bincount(bins, correct, num_bins) / safe
-  mean_conf = np.bincount(bins, confidence, num_bins) / safe
-  ece = float(np.sum(count / len(labels) * np.abs(accuracy - mean_conf)))
-  return {"accuracy": accuracy, "confidence": mean_conf, "count": count, "ece": ece,
-          "test_accuracy": float(correct.mean()), "mean_confidence": float(confidence.mean())}
-
+from kd_jax.analysis.calibration import reliability
 
 calibration = {}
 for stage, (apply_fn, variables) in networks.items():
@@ -231,19 +215,19 @@ for stage, (apply_fn, variables) in networks.items():
 
 print(f"{'network':<18} {'test acc':>8} {'mean conf':>9} {'ECE':>7}")
 for stage, r in calibration.items():
-  print(f"{stage:<18} {r['test_accuracy']:>8.2%} {r['mean_confidence']:>9.2%} {r['ece']:>7.4f}")
+  print(f"{stage:<18} {r.test_accuracy:>8.2%} {r.mean_confidence:>9.2%} {r.ece:>7.4f}")
 
 fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
 for ax, stage in zip(axes, ("student_baseline", "student_kd")):
-  r, width = calibration[stage], 1 / len(calibration[stage]["count"])
-  centers = (np.arange(len(r["count"])) + 0.5) * width
-  filled = r["count"] > 0
-  ax.bar(centers[filled], r["accuracy"][filled], width=width, edgecolor="black",
+  r, width = calibration[stage], 1 / len(calibration[stage].count)
+  centers = (np.arange(len(r.count)) + 0.5) * width
+  filled = r.count > 0
+  ax.bar(centers[filled], r.accuracy[filled], width=width, edgecolor="black",
          label="accuracy in the bin")
-  ax.plot(centers[filled], r["confidence"][filled], "o", color="tab:red",
+  ax.plot(centers[filled], r.confidence[filled], "o", color="tab:red",
           label="mean confidence in the bin")
   ax.plot([0, 1], [0, 1], "--", color="gray", label="calibrated")
-  ax.set(title=f"{stage}: ECE {r['ece']:.3f}", xlabel="confidence", xlim=(0, 1), ylim=(0, 1))
+  ax.set(title=f"{stage}: ECE {r.ece:.3f}", xlabel="confidence", xlim=(0, 1), ylim=(0, 1))
   ax.legend(loc="upper left", fontsize=8)
 axes[0].set_ylabel("accuracy")
 plt.tight_layout()
