@@ -65,6 +65,7 @@ def distill(method: Method, context: Context, recording: Recording, *,
     metrics.NonFiniteLossError: the loss became NaN/Inf; the message names the iteration and
       the last checkpoint kept.
   """
+  os.makedirs(recording.directory, exist_ok=True)  # callbacks write beside the loop's files
   method.prepare(context)
   start = method.start(context)
   optimizers = start.optimizers
