@@ -15,7 +15,8 @@ from ipykernel import kernelspec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COLABS = os.path.join(ROOT, "colabs")
-NOTEBOOKS = ["quickstart_kd", "losses_in_your_project", "regimes", "analysis", "sequence"]
+NOTEBOOKS = ["quickstart_kd", "losses_in_your_project", "regimes", "analysis", "sequence",
+             "dataset_distillation"]
 KERNEL_NAME = "kd_jax_test"
 
 
@@ -239,3 +240,55 @@ def test_notebook_matches_its_py_twin_and_has_no_outputs(name):
   for cell in ipynb.cells:
     if cell.cell_type == "code":
       assert cell.outputs == [] and cell.execution_count is None
+
+
+def _stdout(nb) -> str:
+  """Everything the cells printed, in order. The kernel sends a print in chunks (`_outputs_text`
+  may split a line at a chunk's end), so the chunks are joined as they came."""
+  return "".join(output.get("text", "") for cell in nb.cells for output in cell.get("outputs", [])
+                 if output.get("name") == "stdout")
+
+
+def test_dataset_distillation_runs_top_to_bottom(kernel_name, digits_data_dir, tmp_path,
+                                                 monkeypatch):
+  workdir = tmp_path / "work"
+  nb = _execute("dataset_distillation", kernel_name, monkeypatch, workdir, digits_data_dir)
+  text = _stdout(nb)
+  # Trajectory matching at IPC 1 and 10, with the job's own summary of each.
+  for ipc, images in ((1, 10), (10, 100)):
+    assert f"mtt at IPC {ipc}: {images} training images" in text
+  table = _lines_after(text, " IPC ")
+  assert [int(line.split()[0]) for line in table] == [1, 10]
+  for line in table:  # distilled (learned α), distilled (lr 0.01), random real: mean ± std
+    means = line.split()[1::3]
+    assert len(means) == 3 and all(0 <= float(m) <= 100 for m in means), line
+  # The same job with method=dm, evaluated under both label protocols.
+  dm = _lines_after(text, "dm at IPC 10: 100 training images")
+  dm = dm[:next(i for i, line in enumerate(dm + [""]) if not line.startswith("  "))]
+  assert [line.split(":")[0].strip() for line in dm] == [
+      "teacher", "[labels]  distilled, fixed lr", "[labels]  random real subset",
+      "[teacher soft labels]  distilled", "[teacher soft labels]  random real subset"]
+  for line in dm:
+    assert 0 <= float(line.split(":")[1].split()[0]) <= 100, line
+  # TESLA's error against the exact gradient grows with α·N (SMALL: 3 α × N in {2, 5}).
+  gap = [tuple(map(float, line.split()[:4])) for line in _lines_after(text, " alpha   N")]
+  assert len(gap) == 6
+  for alpha, n, alpha_n, error in gap:
+    assert alpha_n == pytest.approx(alpha * n, abs=1e-3) and 0 < error < 1
+  for n in (2, 5):
+    errors = [error for _, steps, _, error in gap if steps == n]
+    assert errors == sorted(errors) and errors[-1] > 3 * errors[0], (n, errors)
+  slope = float(next(l for l in text.splitlines() if l.startswith("log-log slope")).split()[-1])
+  assert slope > 0.5
+  # Exact equals unrolled autodiff; TESLA does not.
+  exact = next(l for l in text.splitlines() if "max |g_exact - g_unrolled|" in l)
+  tesla = next(l for l in text.splitlines() if "relative error of TESLA against unrolled" in l)
+  assert float(exact.split()[-1]) < 1e-3 and float(tesla.split()[-1]) > 1e-2, (exact, tesla)
+  assert _images(nb) == 3  # the synthetic images, accuracy against IPC, the gradient gap
+  for run in ("mtt_ipc1", "mtt_ipc10", "dm_ipc10"):
+    assert os.path.exists(workdir / run / "results.json")
+    assert os.path.exists(workdir / run / "distilled.npz")
+  # One expert buffer for both IPCs, and none for DM.
+  assert os.path.exists(workdir / "experts")
+  assert not any(os.path.exists(workdir / run / "experts")
+                 for run in ("mtt_ipc1", "mtt_ipc10", "dm_ipc10"))
