@@ -2,11 +2,11 @@
 
 Guo, Pleiss, Sun, Weinberger, "On Calibration of Modern Neural Networks", ICML 2017: the
 predictions are split into `num_bins` equal-width bins of confidence (the top softmax
-probability; bin m holds confidences in ((m − 1)/M, m/M]), and
+probability; bin m holds confidences in ((m − 1)/M, m/M]), and::
 
-  ECE = Σ_m (n_m / N)·|accuracy_m − confidence_m|,
+  ECE = Σ_m (n_m / N)·|accuracy_m − confidence_m|
 
-0 for a calibrated classifier, at most 1.
+is 0 for a calibrated classifier and at most 1.
 """
 import dataclasses
 

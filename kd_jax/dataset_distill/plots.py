@@ -1,4 +1,4 @@
-"""PNG figures of a distillation run (matplotlib `Figure`s without pyplot: no backend is
+"""PNG figures of a distillation run (matplotlib `Figure` objects without pyplot: no backend is
 switched, so a notebook's own plots still show)."""
 import numpy as np
 from matplotlib.figure import Figure
