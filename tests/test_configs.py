@@ -55,6 +55,8 @@ def test_parse_arg_rejects_unknown_names():
     common.parse_arg("fast", runlocal=False, seed=0)
 
 
+@pytest.mark.slow  # 50–100 s on 2 cores (the whole KD job on mock CIFAR-100); the recipe's values
+# are checked above; run with `python -m pytest -m slow tests/test_configs.py`
 def test_cifar100_runlocal_runs_on_mock_data(tmp_path):
   config = importlib.import_module("configs.cifar100_kd").get_config(
       "teacher=resnet14,student=resnet8,runlocal")  # the smallest CIFAR pair: compile time

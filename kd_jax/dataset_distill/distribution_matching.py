@@ -25,13 +25,12 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from kd_jax.data.dsa import same_transform
-from kd_jax.dataset_distill.gradient_matching import INITS, sample_class_batches
+from kd_jax.dataset_distill.gradient_matching import INITS, image_start, sample_class_batches
 from kd_jax.dataset_distill.method import (Context, DistilledSet, Start, Step, class_ids,
                                            iteration_key, iteration_rng, stored_floats)
-from kd_jax.dataset_distill.synthetic import class_indices, init_images
+from kd_jax.dataset_distill.synthetic import class_indices
 
 
 def embed(params, apply_fn, images) -> jax.Array:
@@ -101,11 +100,7 @@ class DistributionMatching:
   def start(self, context: Context) -> Start:
     if getattr(self, "_context", None) is not context:
       self.prepare(context)
-    images, _ = init_images(np.random.default_rng(context.seed), context.train_images,
-                            context.train_labels, num_classes=context.num_classes,
-                            ipc=context.ipc, init=self.init)
-    return Start(values={"images": jnp.asarray(images)},
-                 optimizers={"images": optax.sgd(self.lr_img, momentum=self.momentum_img)})
+    return image_start(context, self.init, self.lr_img, self.momentum_img)
 
   def value_and_grad(self, values: dict, state, iteration: int) -> Step:
     ctx = self._context

@@ -38,7 +38,6 @@ entries (exact: per-example networks and per-image DSA), so one compiled step se
 classes. `context.mesh` is not used (one device).
 """
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -140,6 +139,18 @@ def sample_class_batches(rng: np.random.Generator, per_class: list[np.ndarray],
   return indices, mask
 
 
+def image_start(context: Context, init: str, lr_img: float, momentum_img: float,
+                state=None) -> Start:
+  """DC's and DM's start: images from `init` ("real": random real images of each class;
+  "noise"), learned by SGD with momentum; `state` carried between iterations."""
+  images, _ = init_images(np.random.default_rng(context.seed), context.train_images,
+                          context.train_labels, num_classes=context.num_classes,
+                          ipc=context.ipc, init=init)
+  return Start(values={"images": jnp.asarray(images)},
+               optimizers={"images": optax.sgd(lr_img, momentum=momentum_img)},
+               state={} if state is None else state)
+
+
 @dataclasses.dataclass
 class GradientMatching:
   """DC / DSA gradient matching (see the module docstring); values `{"images": [C·ipc, H, W, C]}`.
@@ -213,14 +224,10 @@ class GradientMatching:
   def start(self, context: Context) -> Start:
     if getattr(self, "_context", None) is not context:
       self.prepare(context)
-    images, _ = init_images(np.random.default_rng(context.seed), context.train_images,
-                            context.train_labels, num_classes=context.num_classes,
-                            ipc=context.ipc, init=self.init)
     shapes = jax.eval_shape(context.init_params, jax.random.key(0))
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-    return Start(values={"images": jnp.asarray(images)},
-                 optimizers={"images": optax.sgd(self.lr_img, momentum=self.momentum_img)},
-                 state={"params": zeros, "velocity": zeros})
+    return image_start(context, self.init, self.lr_img, self.momentum_img,
+                       state={"params": zeros, "velocity": zeros})
 
   def train_network(self, params, velocity, images, rng: np.random.Generator, key):
     """`inner_loop` epochs of the reference's `epoch('train', ...)` on `images` (hard labels):
