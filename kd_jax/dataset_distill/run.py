@@ -140,7 +140,6 @@ def run(config, workdir) -> dict:
   workdir.mkdir(parents=True, exist_ok=True)
   t0 = time.time()
   protocols = _check_protocols(config)
-  methods.method_class(config.distill.method)  # a bad name fails before anything trains
   info, (train_x, train_y), (test_x, test_y), zca = _load_data(config)
   num_classes, image_shape = info.num_classes, tuple(train_x.shape[1:])
   model_kwargs = dict(config.model.kwargs)
@@ -162,6 +161,13 @@ def run(config, workdir) -> dict:
               "zca": bool(config.data.zca), "model": config.model.name,
               "model_kwargs": model_kwargs, "num_classes": num_classes,
               "image_shape": list(image_shape)}
+  e = config.experts
+  experts = ExpertRecipe(
+      num_experts=e.num_experts, epochs=e.epochs, lr=e.lr, batch_size=e.batch_size,
+      directory=e.directory,
+      metadata={**identity, "dsa": config.dsa.strategy if config.dsa.enabled else ""},
+      rules=tuple(map(tuple, config.mesh.rules)))
+  method = methods.build(config, experts)  # bad method fields fail before anything trains
   mesh = sharding.make_mesh(tuple(map(tuple, config.mesh.axes)))
   teacher, results = None, {"method": config.distill.method, "ipc": config.distill.ipc,
                             "num_nets": config.eval.num_nets, "protocols": list(protocols)}
@@ -178,13 +184,6 @@ def run(config, workdir) -> dict:
     print(f"teacher {recipe.model}: test accuracy {100 * results['teacher_accuracy']:.2f}")
   t_teacher = time.time() - t0
 
-  e = config.experts
-  experts = ExpertRecipe(
-      num_experts=e.num_experts, epochs=e.epochs, lr=e.lr, batch_size=e.batch_size,
-      directory=e.directory,
-      metadata={**identity, "dsa": config.dsa.strategy if config.dsa.enabled else ""},
-      rules=tuple(map(tuple, config.mesh.rules)))
-  method = methods.build(config, experts)
   context = Context(train_images=train_x, train_labels=train_y, num_classes=num_classes,
                     ipc=config.distill.ipc, apply_fn=apply_fn, init_params=init_params,
                     augment=augment, teacher=teacher, seed=config.seed, workdir=workdir,
