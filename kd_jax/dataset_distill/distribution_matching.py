@@ -27,9 +27,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from kd_jax.data.dsa import same_transform
-from kd_jax.dataset_distill.gradient_matching import INITS, image_start, sample_class_batches
-from kd_jax.dataset_distill.method import (Context, DistilledSet, Start, Step, class_ids,
-                                           iteration_key, iteration_rng, stored_floats)
+from kd_jax.dataset_distill.gradient_matching import (INITS, image_start, sample_class_batches,
+                                                     sum_over_classes)
+from kd_jax.dataset_distill.method import (Context, DistilledSet, Start, Step, hard_label_set,
+                                           iteration_key, iteration_rng)
 from kd_jax.dataset_distill.synthetic import class_indices
 
 
@@ -98,8 +99,6 @@ class DistributionMatching:
     self._loss_and_grad = jax.jit(jax.value_and_grad(loss))
 
   def start(self, context: Context) -> Start:
-    if getattr(self, "_context", None) is not context:
-      self.prepare(context)
     return image_start(context, self.init, self.lr_img, self.momentum_img)
 
   def value_and_grad(self, values: dict, state, iteration: int) -> Step:
@@ -108,15 +107,11 @@ class DistributionMatching:
     params = self._init(net_key)
     indices, mask = sample_class_batches(iteration_rng(ctx.seed, iteration), self._per_class,
                                          self.batch_real)
-    images, ipc, total, grads = values["images"], ctx.ipc, jnp.zeros(()), []
-    for c in range(ctx.num_classes):
-      value, grad = self._loss_and_grad(images[c * ipc:(c + 1) * ipc], params, self._real,
-                                        indices[c], mask[c], jax.random.fold_in(aug_key, c))
-      total, grads = total + value, grads + [grad]
-    return Step(loss=total, grads={"images": jnp.concatenate(grads)}, state={})
+    total, grad = sum_over_classes(
+        lambda c, x: self._loss_and_grad(x, params, self._real, indices[c], mask[c],
+                                         jax.random.fold_in(aug_key, c)),
+        values["images"], ctx.num_classes, ctx.ipc)
+    return Step(loss=total, grads={"images": grad}, state={})
 
   def distilled(self, values: dict) -> DistilledSet:
-    ctx = self._context
-    return DistilledSet(images=np.asarray(values["images"]),
-                        labels=class_ids(ctx.num_classes, ctx.ipc), label_kind="hard", lr=None,
-                        stored_floats=stored_floats(values))
+    return hard_label_set(values, self._context)

@@ -39,10 +39,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kd_jax.data.pipeline import pad_rows
 from kd_jax.dataset_distill.method import Context, DistilledSet, Start, Step, iteration_rng
 from kd_jax.dataset_distill.recovery import (augment_groups, draw_augment, pixel_range,
                                              recovery_losses, recovery_optimizer,
-                                             require_bn_teacher, setup_rng)
+                                             require_bn_teacher)
 from kd_jax.dataset_distill.synthetic import select_real
 
 LABELS = ("teacher", "hard")
@@ -91,7 +92,7 @@ class INFER:
                        f"distill.ipc={context.ipc}, C={num_classes}; raise distill.ipc or "
                        "lower infer.compensators_per_base (>= 1)")
     self.num_bases = k
-    idx = select_real(setup_rng(context.seed), np.asarray(context.train_labels), num_classes, k)
+    idx = select_real(np.random.default_rng(context.seed), np.asarray(context.train_labels), num_classes, k)
     base = np.asarray(context.train_images, np.float32)[idx]                 # [C·K, ...], c·K + k
     self._base = jnp.asarray(base.reshape(num_classes, k, *base.shape[1:]).swapaxes(0, 1))
     self._range = pixel_range(context.train_images)
@@ -109,8 +110,6 @@ class INFER:
     self._logits = jax.jit(lambda x: teacher.apply_fn(teacher.variables, x, train=False)[0].logits)
 
   def start(self, context: Context) -> Start:
-    if getattr(self, "_context", None) is not context:
-      self.prepare(context)
     shape = (self.num_bases, self.compensators_per_base, *context.train_images.shape[1:])
     tx = recovery_optimizer(self.lr, self.iterations, self.betas, self.eps, clip=None)
     return Start(values={"compensators": jnp.zeros(shape, jnp.float32)},
@@ -149,13 +148,9 @@ class INFER:
     if self.labels == "hard":
       return DistilledSet(images=images, labels=ids, label_kind="hard", lr=None,
                           stored_floats=floats)
-    logits = np.concatenate([
-        np.asarray(self._logits(_pad(images[s:s + _LABEL_BATCH])))[:len(images[s:s + _LABEL_BATCH])]
-        for s in range(0, len(images), _LABEL_BATCH)])
+    chunks = [images[s:s + _LABEL_BATCH] for s in range(0, len(images), _LABEL_BATCH)]
+    logits = np.concatenate([np.asarray(self._logits(pad_rows(x, _LABEL_BATCH)))[:len(x)]
+                             for x in chunks])
     probs = np.asarray(jax.nn.softmax(jnp.asarray(logits, jnp.float32), -1), np.float32)
     return DistilledSet(images=images, labels=probs, label_kind="probs", lr=None,
                         stored_floats=floats + int(probs.size))
-
-
-def _pad(x: np.ndarray) -> np.ndarray:
-  return np.concatenate([x, np.zeros((_LABEL_BATCH - len(x), *x.shape[1:]), x.dtype)])

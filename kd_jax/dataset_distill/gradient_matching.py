@@ -38,6 +38,7 @@ entries (exact: per-example networks and per-image DSA), so one compiled step se
 classes. `context.mesh` is not used (one device).
 """
 import dataclasses
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -46,8 +47,9 @@ import optax
 
 from kd_jax.data.dsa import same_transform
 from kd_jax.dataset_distill.method import (Context, DistilledSet, Start, Step, class_ids,
-                                           iteration_key, iteration_rng, stored_floats)
+                                           hard_label_set, iteration_key, iteration_rng)
 from kd_jax.dataset_distill.synthetic import class_indices, init_images
+from kd_jax.losses.features import safe_norm
 from kd_jax.step import cross_entropy
 
 DC_LOOPS = {1: (1, 1), 10: (10, 50), 20: (20, 25), 30: (30, 20), 40: (40, 15), 50: (50, 10)}
@@ -62,13 +64,6 @@ def get_loops(ipc: int) -> tuple[int, int]:
   return DC_LOOPS[ipc]
 
 
-def _safe_norm(x: jax.Array, axis: int) -> jax.Array:
-  """‖x‖ along `axis` with gradient 0 at x = 0 (as PyTorch's norm), not NaN."""
-  sq = jnp.sum(x * x, axis=axis)
-  positive = sq > 0
-  return jnp.where(positive, jnp.sqrt(jnp.where(positive, sq, 1.0)), 0.0)
-
-
 def layer_distance(g_real: jax.Array, g_syn: jax.Array) -> jax.Array:
   """`distance_wb`: Σ over output units of 1 − cos(g_real, g_syn); 0 for rank ≤ 1 tensors.
 
@@ -79,7 +74,7 @@ def layer_distance(g_real: jax.Array, g_syn: jax.Array) -> jax.Array:
     return jnp.zeros((), jnp.float32)
   a = g_real.reshape(-1, g_real.shape[-1]).astype(jnp.float32)
   b = g_syn.reshape(-1, g_syn.shape[-1]).astype(jnp.float32)
-  cos = jnp.sum(a * b, axis=0) / (_safe_norm(a, 0) * _safe_norm(b, 0) + 1e-6)
+  cos = jnp.sum(a * b, axis=0) / (safe_norm(a, axis=0) * safe_norm(b, axis=0) + 1e-6)
   return jnp.sum(1.0 - cos)
 
 
@@ -137,6 +132,17 @@ def sample_class_batches(rng: np.random.Generator, per_class: list[np.ndarray],
     indices[c, :len(chosen)] = chosen
     mask[c, :len(chosen)] = 1.0
   return indices, mask
+
+
+def sum_over_classes(class_value_and_grad: Callable, images: jax.Array, num_classes: int,
+                     ipc: int) -> tuple[jax.Array, jax.Array]:
+  """Σ_c value_c and the gradient w.r.t. `images` `[C·ipc, ...]` (class order) of an objective
+  summed over classes, from `class_value_and_grad(c, images of class c) -> (value, grad)`."""
+  total, grads = jnp.zeros(()), []
+  for c in range(num_classes):
+    value, grad = class_value_and_grad(c, images[c * ipc:(c + 1) * ipc])
+    total, grads = total + value, grads + [grad]
+  return total, jnp.concatenate(grads)
 
 
 def image_start(context: Context, init: str, lr_img: float, momentum_img: float,
@@ -222,8 +228,6 @@ class GradientMatching:
     self._net_step = jax.jit(net_step)
 
   def start(self, context: Context) -> Start:
-    if getattr(self, "_context", None) is not context:
-      self.prepare(context)
     shapes = jax.eval_shape(context.init_params, jax.random.key(0))
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
     return image_start(context, self.init, self.lr_img, self.momentum_img,
@@ -258,17 +262,12 @@ class GradientMatching:
                                                       images, rng, train_key)
       metrics["net_loss"] = float(net_loss)
     indices, mask = sample_class_batches(rng, self._per_class, self.batch_real)
-    ipc, total, grads = ctx.ipc, jnp.zeros(()), []
-    for c in range(ctx.num_classes):
-      value, grad = self._loss_and_grad(images[c * ipc:(c + 1) * ipc], params, self._real,
-                                        indices[c], mask[c], np.int32(c),
-                                        jax.random.fold_in(aug_key, c))
-      total, grads = total + value, grads + [grad]
-    return Step(loss=total, grads={"images": jnp.concatenate(grads)},
+    total, grad = sum_over_classes(
+        lambda c, x: self._loss_and_grad(x, params, self._real, indices[c], mask[c],
+                                         np.int32(c), jax.random.fold_in(aug_key, c)),
+        images, ctx.num_classes, ctx.ipc)
+    return Step(loss=total, grads={"images": grad},
                 state={"params": params, "velocity": velocity}, metrics=metrics)
 
   def distilled(self, values: dict) -> DistilledSet:
-    ctx = self._context
-    return DistilledSet(images=np.asarray(values["images"]),
-                        labels=class_ids(ctx.num_classes, ctx.ipc), label_kind="hard", lr=None,
-                        stored_floats=stored_floats(values))
+    return hard_label_set(values, self._context)

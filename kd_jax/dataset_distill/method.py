@@ -153,3 +153,11 @@ def class_ids(num_classes: int, ipc: int) -> np.ndarray:
 def stored_floats(values: dict) -> int:
   """Floats in `values` (what a method that stores exactly its learned values keeps)."""
   return int(sum(np.size(v) for v in values.values()))
+
+
+def hard_label_set(values: dict, context: Context) -> DistilledSet:
+  """The set of a method that learns only `values["images"]` `[C·ipc, H, W, C]` in class order:
+  hard labels, no α, the images as everything stored."""
+  return DistilledSet(images=np.asarray(values["images"], np.float32),
+                      labels=class_ids(context.num_classes, context.ipc), label_kind="hard",
+                      lr=None, stored_floats=stored_floats(values))

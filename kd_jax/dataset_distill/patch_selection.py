@@ -30,9 +30,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kd_jax.dataset_distill.method import (Context, DistilledSet, Start, Step, class_ids,
-                                           stored_floats)
-from kd_jax.dataset_distill.recovery import crop_resize, draw_resized_crop, setup_rng
+from kd_jax.data.pipeline import pad_rows
+from kd_jax.dataset_distill.method import Context, DistilledSet, Start, Step, hard_label_set
+from kd_jax.dataset_distill.recovery import crop_resize, draw_resized_crop
 from kd_jax.dataset_distill.synthetic import class_indices
 from kd_jax.step import cross_entropy
 
@@ -42,11 +42,6 @@ _BATCH = 256  # crops per compiled call (padded to it: one compile)
 @functools.partial(jax.jit, static_argnames=("size",))
 def _crop_batch(images, boxes, size):
   return jax.vmap(lambda x, b: crop_resize(x, b, size))(images, boxes)
-
-
-def _padded(x: np.ndarray) -> np.ndarray:
-  """`[n ≤ _BATCH, ...]` zero-padded to `[_BATCH, ...]`."""
-  return np.concatenate([x, np.zeros((_BATCH - len(x), *x.shape[1:]), x.dtype)])
 
 
 def crop_patches(images: np.ndarray, boxes: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -60,7 +55,7 @@ def crop_patches(images: np.ndarray, boxes: np.ndarray, size: tuple[int, int]) -
   source = np.repeat(np.arange(m), k)
   whole = np.array([0, 0, *images.shape[1:3]], np.float32)        # padding rows: valid boxes
   flat = np.concatenate([flat, np.tile(whole, (-len(flat) % _BATCH, 1))])
-  out = [np.asarray(_crop_batch(_padded(images[source[s:s + _BATCH]]), flat[s:s + _BATCH],
+  out = [np.asarray(_crop_batch(pad_rows(images[source[s:s + _BATCH]], _BATCH), flat[s:s + _BATCH],
                                 tuple(size)))
          for s in range(0, m * k, _BATCH)]
   return np.concatenate(out)[:m * k].reshape(m, k, *size, images.shape[-1])
@@ -138,7 +133,7 @@ class RDED:
       out, _ = teacher.apply_fn(teacher.variables, x, train=False)
       return cross_entropy(out.logits, y)
 
-    rng = setup_rng(context.seed)
+    rng = np.random.default_rng(context.seed)  # SeedSequence(seed), not an iteration's child
     stitched, self.selection = [], {"source": [], "boxes": [], "scores": []}
     for c, idx in enumerate(class_indices(labels, context.num_classes)):
       cand = rng.permutation(idx)[:self.mipc]
@@ -150,7 +145,7 @@ class RDED:
       patches = crop_patches(images[cand], boxes, size)                          # [M, K, h, w, C]
       flat = pad_center(patches.reshape(-1, *patches.shape[2:]), height, width)
       target = jnp.full((_BATCH,), c, jnp.int32)
-      ce = np.concatenate([np.asarray(score(_padded(flat[s:s + _BATCH]), target))
+      ce = np.concatenate([np.asarray(score(pad_rows(flat[s:s + _BATCH], _BATCH), target))
                            for s in range(0, len(flat), _BATCH)])[:len(flat)]
       ce = ce.reshape(len(cand), self.num_crop)
       best = np.argmin(ce, 1)                                  # each image's best crop
@@ -165,16 +160,11 @@ class RDED:
     self._context = context
 
   def start(self, context: Context) -> Start:
-    if getattr(self, "_context", None) is not context:
-      self.prepare(context)
     return Start(values={"images": jnp.asarray(self._images)}, optimizers={})
 
   def value_and_grad(self, values: dict, state: Any, iteration: int) -> Step:
     raise NotImplementedError("RDED is selection only (iterations = 0): nothing to optimise")
 
   def distilled(self, values: dict) -> DistilledSet:
-    c = self._context
-    return DistilledSet(images=np.asarray(values["images"], np.float32),
-                        labels=class_ids(c.num_classes, c.ipc), label_kind="hard", lr=None,
-                        stored_floats=stored_floats(values))
+    return hard_label_set(values, self._context)
 

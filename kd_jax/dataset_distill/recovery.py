@@ -35,17 +35,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from kd_jax.dataset_distill.method import (Context, DistilledSet, Start, Step, class_ids,
-                                           iteration_rng, stored_floats)
+from kd_jax.dataset_distill.method import (Context, DistilledSet, Start, Step, hard_label_set,
+                                           iteration_rng)
+from kd_jax.losses.features import safe_norm
 from kd_jax.step import cross_entropy
 
 AUGMENTS = ("jitter", "crop")
-
-
-def setup_rng(seed: int) -> np.random.Generator:
-  """The host generator of a method's set-up (`prepare`/`start`): `SeedSequence(seed)` itself,
-  distinct from every iteration's child `iteration_rng(seed, i)`."""
-  return np.random.default_rng(np.random.SeedSequence(seed))
 
 
 def require_bn_teacher(context: Context):
@@ -92,13 +87,6 @@ def _running_stats(batch_stats: dict, path: tuple) -> tuple[jax.Array, jax.Array
   return node["mean"], node["var"]
 
 
-def _l2(d: jax.Array) -> jax.Array:
-  """‖d‖₂ over the last axis, with gradient 0 (not NaN) at d = 0."""
-  s = jnp.sum(jnp.square(d), -1)
-  positive = s > 0
-  return jnp.where(positive, jnp.sqrt(jnp.where(positive, s, 1.0)), 0.0)
-
-
 def bn_statistics_loss(captured: list, batch_stats: dict, *, first_bn_multiplier: float = 10.0,
                        groups: int = 1) -> jax.Array:
   """SRe2L's R_BN per group: Σ_l w_l (‖μ_l − μ̂_l‖₂ + ‖σ²_l − σ̂²_l‖₂) (`recover/utils.py`,
@@ -120,7 +108,7 @@ def bn_statistics_loss(captured: list, batch_stats: dict, *, first_bn_multiplier
     x = x.astype(jnp.float32).reshape(groups, -1, x.shape[-1])
     mean = x.mean(1)
     var = jnp.square(x - mean[:, None]).mean(1)
-    r = _l2(var - var_r.astype(jnp.float32)) + _l2(mean - mean_r.astype(jnp.float32))
+    r = safe_norm(var - var_r.astype(jnp.float32)) + safe_norm(mean - mean_r.astype(jnp.float32))
     total = total + (first_bn_multiplier if l == 0 else 1.0) * r
   return total
 
@@ -316,10 +304,8 @@ class SRe2LRecovery:
     self._value_and_grad = jax.jit(jax.value_and_grad(objective, has_aux=True))
 
   def start(self, context: Context) -> Start:
-    if getattr(self, "_context", None) is not context:
-      self.prepare(context)
     shape = (context.num_classes * context.ipc, *context.train_images.shape[1:])
-    images = setup_rng(context.seed).standard_normal(shape).astype(np.float32)
+    images = np.random.default_rng(context.seed).standard_normal(shape).astype(np.float32)
     clip = pixel_range(context.train_images) if self.clip else None
     tx = recovery_optimizer(self.lr, self.iterations, self.betas, self.eps, clip)
     return Start(values={"images": jnp.asarray(images)}, optimizers={"images": tx})
@@ -336,7 +322,4 @@ class SRe2LRecovery:
                 metrics={"ce": float(ce), "bn": float(bn)})
 
   def distilled(self, values: dict) -> DistilledSet:
-    c = self._context
-    return DistilledSet(images=np.asarray(values["images"], np.float32),
-                        labels=class_ids(c.num_classes, c.ipc), label_kind="hard", lr=None,
-                        stored_floats=stored_floats(values))
+    return hard_label_set(values, self._context)

@@ -71,8 +71,10 @@ class TrajectoryMatching:
   name: str = "mtt"
 
   def prepare(self, context: Context) -> None:
-    _, self._unravel = ravel_pytree(context.init_params(jax.random.key(0)))
-    self._apply_fn, self._seed = context.apply_fn, context.seed
+    _, unravel = ravel_pytree(context.init_params(jax.random.key(0)))
+    self._seed = context.seed
+    self._logits = jax.jit(lambda theta, x: context.apply_fn({"params": unravel(theta)}, x,
+                                                             train=False)[0].logits)
     if self.trajectories is None:
       e = self.experts
       self.trajectories, _ = train_experts(
@@ -86,7 +88,7 @@ class TrajectoryMatching:
       raise ValueError(f"start epochs up to max_start_epoch - 1 = {self.window.max_start - 1} "
                        f"plus expert_epochs = {self.expert_epochs} exceed the experts' "
                        f"{num_epochs - 1} epochs; lower them or train longer experts")
-    step = make_inner_step(context.apply_fn, self._unravel, label_kind=self.label_kind,
+    step = make_inner_step(context.apply_fn, unravel, label_kind=self.label_kind,
                            augment=context.augment)
     self._matcher = TrajectoryMatcher(step, mode=self.mode,
                                       learn_labels=self.label_kind == "logits",
@@ -95,9 +97,7 @@ class TrajectoryMatching:
 
   def expert_logits(self, images: np.ndarray, chunk: int = 500) -> np.ndarray:
     """`[E, S, C]` logits of `images` under every expert's final params."""
-    logits = jax.jit(lambda theta, x: self._apply_fn({"params": self._unravel(theta)}, x,
-                                                     train=False)[0].logits)
-    return np.stack([np.concatenate([np.asarray(logits(jnp.asarray(trajectory[-1]),
+    return np.stack([np.concatenate([np.asarray(self._logits(jnp.asarray(trajectory[-1]),
                                                        images[i:i + chunk]))
                                      for i in range(0, len(images), chunk)])
                      for trajectory in self.trajectories])
